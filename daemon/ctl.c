@@ -1,0 +1,633 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * ctl.c - the control thread: one io_uring loop over the listening socket,
+ * every client's socket, a signalfd, and an eventfd the engine pokes.
+ *
+ * The loop keeps one multishot accept armed on the listening socket and one
+ * recvmsg armed on each connection.  A completed recvmsg is decoded and
+ * answered at once; replies go out with MSG_DONTWAIT, so a client that does
+ * not read its socket is disconnected instead of stalling the loop.  A
+ * connection is torn down only when its recvmsg completes with EOF or an
+ * error (after an eviction, kvd shuts the socket down to get there), so no
+ * io_uring operation ever points at a freed connection.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <liburing.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "kvd.h"
+#include "../shm/seg.h"
+
+#define CONN_BUF 8192 /* the largest message a client sends is smaller */
+#define RING_DEPTH 256
+
+enum tag { T_CONN = 0, T_ACCEPT = 1, T_SIGNAL = 2, T_EVICT = 3 };
+
+struct conn {
+	struct conn *next, *prev;
+	int fd;
+	uid_t uid;
+	gid_t gid;
+	pid_t pid;
+	struct client *cl; /* after a hello */
+	bool said_hello;
+	struct msghdr mh;
+	struct iovec iov;
+	union {
+		char buf[CMSG_SPACE(sizeof(int) * SEG_MAX_FDS)];
+		struct cmsghdr align;
+	} cmsg;
+	uint8_t buf[CONN_BUF];
+};
+
+struct ctl {
+	struct kvd *d;
+	struct io_uring ring;
+	int sigfd, evfd;
+	struct conn *conns;
+	struct signalfd_siginfo si;
+	uint64_t evval;
+	bool stop;
+};
+
+static void *tagged(void *p, enum tag t)
+{
+	return (void *)((uintptr_t)p | (uintptr_t)t);
+}
+
+static struct io_uring_sqe *get_sqe(struct ctl *x)
+{
+	struct io_uring_sqe *s = io_uring_get_sqe(&x->ring);
+
+	if (!s) {
+		io_uring_submit(&x->ring);
+		s = io_uring_get_sqe(&x->ring);
+	}
+	return s;
+}
+
+static void arm_accept(struct ctl *x)
+{
+	struct io_uring_sqe *s = get_sqe(x);
+
+	io_uring_prep_multishot_accept(s, x->d->cfg.listen_fd, NULL, NULL, SOCK_CLOEXEC);
+	io_uring_sqe_set_data(s, tagged(NULL, T_ACCEPT));
+}
+
+static void arm_recv(struct ctl *x, struct conn *cn)
+{
+	struct io_uring_sqe *s = get_sqe(x);
+
+	cn->iov.iov_base = cn->buf;
+	cn->iov.iov_len = sizeof(cn->buf);
+	memset(&cn->mh, 0, sizeof(cn->mh));
+	cn->mh.msg_iov = &cn->iov;
+	cn->mh.msg_iovlen = 1;
+	cn->mh.msg_control = cn->cmsg.buf;
+	cn->mh.msg_controllen = sizeof(cn->cmsg.buf);
+	io_uring_prep_recvmsg(s, cn->fd, &cn->mh, MSG_CMSG_CLOEXEC);
+	io_uring_sqe_set_data(s, tagged(cn, T_CONN));
+}
+
+static void arm_read(struct ctl *x, int fd, void *buf, unsigned len, enum tag t)
+{
+	struct io_uring_sqe *s = get_sqe(x);
+
+	io_uring_prep_read(s, fd, buf, len, 0);
+	io_uring_sqe_set_data(s, tagged(NULL, t));
+}
+
+/* ------------------------------------------------------------------ replies */
+
+static int send_msg(struct conn *cn, const struct kv_msg *m, const int *fds, int nfds)
+{
+	uint8_t buf[KV_MSG_MAX];
+	size_t n = kv_msg_encode(m, buf, sizeof(buf));
+	ssize_t w;
+	union {
+		char b[CMSG_SPACE(sizeof(int) * SEG_MAX_FDS)];
+		struct cmsghdr a;
+	} u;
+	struct iovec iov = { buf, n };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+
+	if (!n)
+		return -EINVAL;
+	if (nfds) {
+		struct cmsghdr *c;
+		memset(&u, 0, sizeof(u));
+		mh.msg_control = u.b;
+		mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+		c = CMSG_FIRSTHDR(&mh);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+		memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+	}
+	do
+		w = sendmsg(cn->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+	while (w < 0 && errno == EINTR);
+	if (w < 0)
+		return -errno;
+	return 0;
+}
+
+static int reply_error(struct conn *cn, uint32_t seq, int code, const char *text)
+{
+	struct kv_msg m = { .type = KV_MSG_ERROR, .seq = seq };
+
+	m.u.error.code = code;
+	m.u.error.text = text;
+	m.u.error.len = (uint32_t)strlen(text);
+	return send_msg(cn, &m, NULL, 0);
+}
+
+/* ------------------------------------------------------------------ handlers */
+
+/* Returns 0 to keep the connection, < 0 to close it. */
+static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
+{
+	struct kvd *d = x->d;
+	const char *name = m->u.hello.job;
+	int rank = m->u.hello.rank, nw = m->u.hello.num_workers;
+	char why[256];
+	struct client *c;
+	struct job *j;
+	bool created = false;
+	int code = KV_ERR_INVALID;
+
+	if (__atomic_load_n(&d->nclients, __ATOMIC_RELAXED) >= d->cfg.max_clients) {
+		snprintf(why, sizeof(why), "kvd already serves %u clients, its limit",
+			 d->cfg.max_clients);
+		reply_error(cn, m->seq, KV_ERR_NOMEM, why);
+		return -1;
+	}
+	if (nw > (int)d->cfg.max_ranks) {
+		snprintf(why, sizeof(why), "a job of %d workers is over the limit of %u ranks",
+			 nw, d->cfg.max_ranks);
+		reply_error(cn, m->seq, KV_ERR_NOMEM, why);
+		return -1;
+	}
+	c = client_create(d, cn->uid, cn->pid, why, sizeof(why));
+	if (!c) {
+		reply_error(cn, m->seq, KV_ERR_NOMEM, why);
+		return -1;
+	}
+	pthread_mutex_lock(&d->lock);
+	j = job_find(d, name);
+	if (j && j->uid != cn->uid &&
+	    !(d->cfg.allow_gid >= 0 && (gid_t)d->cfg.allow_gid == cn->gid)) {
+		snprintf(why, sizeof(why), "job '%s' belongs to uid %u; uid %u may not join it",
+			 name, (unsigned)j->uid, (unsigned)cn->uid);
+		code = KV_ERR_PERM;
+		goto out_refuse;
+	}
+	if (j && j->num_workers != nw) {
+		snprintf(why, sizeof(why), "job '%s' has %d workers; this rank says %d", name,
+			 j->num_workers, nw);
+		goto out_refuse;
+	}
+	if (rank >= nw) {
+		snprintf(why, sizeof(why), "rank %d is out of range for a job of %d workers",
+			 rank, nw);
+		goto out_refuse;
+	}
+	if (j && j->ranks[rank]) {
+		snprintf(why, sizeof(why), "rank %d of job '%s' is taken by pid %d", rank, name,
+			 (int)j->ranks[rank]->pid);
+		code = KV_ERR_EXISTS;
+		goto out_refuse;
+	}
+	if (!j) {
+		j = job_create(d, name, cn->uid, nw);
+		if (!j) {
+			snprintf(why, sizeof(why), "out of memory creating job '%s'", name);
+			code = KV_ERR_NOMEM;
+			goto out_refuse;
+		}
+		j->next = d->jobs;
+		d->jobs = j;
+		created = true;
+	}
+	c->job = j;
+	c->rank = rank;
+	c->conn = cn;
+	j->ranks[rank] = c;
+	j->present++;
+	__atomic_add_fetch(&j->bytes, c->ring_size, __ATOMIC_RELAXED);
+	pthread_mutex_unlock(&d->lock);
+	__atomic_add_fetch(&d->nclients, 1, __ATOMIC_RELAXED);
+	cn->cl = c;
+	engine_post(d, EV_JOIN, c, NULL);
+
+	struct kv_msg w = { .type = KV_MSG_WELCOME, .seq = m->seq };
+	int fds[2] = { c->ring_fd, engine_doorbell(d) };
+
+	w.u.welcome.client_id = c->id;
+	w.u.welcome.seg_size = c->ring_size;
+	w.u.welcome.sq_entries = c->sq_entries;
+	w.u.welcome.cq_entries = c->cq_entries;
+	w.u.welcome.part_bytes = d->cfg.part_bytes;
+	w.u.welcome.max_segs = c->max_segs;
+	snprintf(w.u.welcome.version, sizeof(w.u.welcome.version), "%s", KV_VERSION);
+	kvd_log("join job=%s rank=%d/%d pid=%d uid=%u%s", name, rank, nw, (int)cn->pid,
+		(unsigned)cn->uid, created ? " (new job)" : "");
+	return send_msg(cn, &w, fds, 2) ? -1 : 0;
+
+out_refuse:
+	pthread_mutex_unlock(&d->lock);
+	client_free(d, c);
+	kvd_log("refused pid=%d uid=%u: %s", (int)cn->pid, (unsigned)cn->uid, why);
+	reply_error(cn, m->seq, code, why);
+	return -1;
+}
+
+static int on_key_open(struct ctl *x, struct conn *cn, const struct kv_msg *m)
+{
+	struct client *c = cn->cl;
+	char why[384];
+	struct key *k;
+	bool created;
+	int rc = job_key_open(x->d, c->job, m, &k, &created, why, sizeof(why));
+	struct kv_msg r = { .type = KV_MSG_KEY, .seq = m->seq };
+
+	if (rc)
+		return reply_error(cn, m->seq, rc, why) == -EAGAIN ? -1 : 0;
+	r.u.key.key_id = k->id;
+	r.u.key.nparts = k->nparts;
+	r.u.key.count = k->count;
+	r.u.key.part_elems = k->part_elems;
+	r.u.key.dtype = (uint8_t)k->dtype;
+	r.u.key.flags = (uint8_t)((created ? KV_KEYF_CREATED : 0) |
+				  (__atomic_load_n(&k->has_value, __ATOMIC_ACQUIRE) ? KV_KEYF_VALUE
+										    : 0));
+	return send_msg(cn, &r, NULL, 0) ? -1 : 0;
+}
+
+static int on_seg_alloc(struct ctl *x, struct conn *cn, const struct kv_msg *m)
+{
+	struct client *c = cn->cl;
+	char why[256];
+	uint32_t id;
+	int rc = client_add_seg(x->d, c, m->u.seg_alloc.bytes, &id, why, sizeof(why));
+	struct kv_msg r = { .type = KV_MSG_SEG, .seq = m->seq };
+
+	if (rc)
+		return reply_error(cn, m->seq, rc, why) == -EAGAIN ? -1 : 0;
+	r.u.seg.seg_id = id;
+	r.u.seg.size = c->segs[id].size;
+	return send_msg(cn, &r, &c->segs[id].fd, 1) ? -1 : 0;
+}
+
+static int on_status(struct ctl *x, struct conn *cn, const struct kv_msg *m)
+{
+	size_t len = 0, off = 0, chunk = KV_MSG_MAX - 64;
+	char *text = stats_render(x->d, m->u.status_req.what, cn->uid, &len);
+	struct kv_msg r = { .type = KV_MSG_STATUS, .seq = m->seq };
+	int rc = 0;
+
+	if (!text)
+		return reply_error(cn, m->seq, KV_ERR_NOMEM, "out of memory rendering status");
+	do {
+		size_t n = len - off < chunk ? len - off : chunk;
+		r.u.status.text = text + off;
+		r.u.status.len = (uint32_t)n;
+		off += n;
+		r.u.status.flags = off < len ? KV_STATUSF_MORE : 0;
+		rc = send_msg(cn, &r, NULL, 0);
+	} while (!rc && off < len);
+	free(text);
+	return rc ? -1 : 0;
+}
+
+static void conn_close(struct ctl *x, struct conn *cn);
+
+static int on_drop(struct ctl *x, struct conn *cn, const struct kv_msg *m)
+{
+	struct kvd *d = x->d;
+	struct job *j;
+	char why[256];
+
+	pthread_mutex_lock(&d->lock);
+	j = job_find(d, m->u.drop.job);
+	if (!j) {
+		pthread_mutex_unlock(&d->lock);
+		snprintf(why, sizeof(why), "no job named '%s'", m->u.drop.job);
+		return reply_error(cn, m->seq, KV_ERR_NOKEY, why);
+	}
+	if (cn->uid != 0 && cn->uid != j->uid) {
+		pthread_mutex_unlock(&d->lock);
+		snprintf(why, sizeof(why), "job '%s' belongs to uid %u; only it or root may drop it",
+			 m->u.drop.job, (unsigned)j->uid);
+		return reply_error(cn, m->seq, KV_ERR_PERM, why);
+	}
+	/* detach it: its name is free again; its ranks are disconnected below */
+	for (struct job **pp = &d->jobs; *pp; pp = &(*pp)->next)
+		if (*pp == j) {
+			*pp = j->next;
+			break;
+		}
+	j->detached = true;
+	engine_post(d, EV_DROP, NULL, j);
+	snprintf(why, sizeof(why), "job '%s' was dropped by uid %u", j->name, (unsigned)cn->uid);
+	for (int r = 0; r < j->num_workers; r++) {
+		struct client *c = j->ranks[r];
+		if (!c)
+			continue;
+		reply_error(c->conn, 0, KV_ERR_PEER, why);
+		shutdown(c->conn->fd, SHUT_RDWR);
+	}
+	pthread_mutex_unlock(&d->lock);
+	kvd_log("%s", why);
+	return reply_error(cn, m->seq, KV_OK, why);
+}
+
+static void handle(struct ctl *x, struct conn *cn, size_t len, const int *fds, int nfds)
+{
+	struct kv_msg m = { 0 };
+	const char *why = NULL;
+	char text[256];
+	int rc = kv_msg_decode(cn->buf, len, &m, &why);
+
+	for (int i = 0; i < nfds; i++) /* no message of this version carries fds to kvd */
+		close(fds[i]);
+	if (rc) {
+		snprintf(text, sizeof(text), "malformed message: %s (%s)", kv_msg_strerror(rc),
+			 why ? why : "?");
+		kvd_log("pid=%d: %s; disconnecting", (int)cn->pid, text);
+		reply_error(cn, m.seq, KV_ERR_PROTO, text);
+		goto out_close;
+	}
+	switch (m.type) {
+	case KV_MSG_HELLO:
+		if (cn->said_hello)
+			break;
+		cn->said_hello = true;
+		rc = on_hello(x, cn, &m);
+		goto out;
+	case KV_MSG_STATUS_REQ:
+		rc = on_status(x, cn, &m);
+		goto out;
+	case KV_MSG_DROP:
+		rc = on_drop(x, cn, &m);
+		goto out;
+	case KV_MSG_KEY_OPEN:
+		if (!cn->cl)
+			break;
+		rc = on_key_open(x, cn, &m);
+		goto out;
+	case KV_MSG_SEG_ALLOC:
+		if (!cn->cl)
+			break;
+		rc = on_seg_alloc(x, cn, &m);
+		goto out;
+	case KV_MSG_SEG_FREE:
+		if (!cn->cl)
+			break;
+		/* segments live as long as the client (the engine may be reading them) */
+		rc = reply_error(cn, m.seq, KV_OK, "segment kept until the client leaves");
+		goto out;
+	case KV_MSG_OPTIMIZER:
+	case KV_MSG_SAVE:
+	case KV_MSG_LOAD:
+		if (!cn->cl)
+			break;
+		rc = reply_error(cn, m.seq, KV_ERR_UNSUPPORTED,
+				 "optimizer in the store is not supported by this kvd yet");
+		goto out;
+	default:
+		break;
+	}
+	snprintf(text, sizeof(text), "unexpected message type %u %s", m.type,
+		 cn->said_hello ? "" : "before hello");
+	kvd_log("pid=%d: %s; disconnecting", (int)cn->pid, text);
+	reply_error(cn, m.seq, KV_ERR_PROTO, text);
+	goto out_close;
+out:
+	if (rc >= 0) {
+		arm_recv(x, cn);
+		return;
+	}
+out_close:
+	conn_close(x, cn);
+}
+
+/* ------------------------------------------------------------------ connections */
+
+static void on_accept(struct ctl *x, int fd)
+{
+	struct conn *cn = calloc(1, sizeof(*cn));
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+
+	if (!cn || getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+		kvd_log("cannot take a connection: %s", cn ? strerror(errno) : "out of memory");
+		free(cn);
+		close(fd);
+		return;
+	}
+	cn->fd = fd;
+	cn->uid = cred.uid;
+	cn->gid = cred.gid;
+	cn->pid = cred.pid;
+	cn->next = x->conns;
+	if (x->conns)
+		x->conns->prev = cn;
+	x->conns = cn;
+	arm_recv(x, cn);
+}
+
+static void conn_close(struct ctl *x, struct conn *cn)
+{
+	struct kvd *d = x->d;
+	struct client *c = cn->cl;
+
+	if (c) {
+		struct job *j = c->job;
+		bool last;
+
+		pthread_mutex_lock(&d->lock);
+		j->ranks[c->rank] = NULL;
+		j->present--;
+		last = j->present == 0;
+		if (last && !j->detached) {
+			for (struct job **pp = &d->jobs; *pp; pp = &(*pp)->next)
+				if (*pp == j) {
+					*pp = j->next;
+					break;
+				}
+			j->detached = true;
+		}
+		pthread_mutex_unlock(&d->lock);
+		__atomic_sub_fetch(&d->nclients, 1, __ATOMIC_RELAXED);
+		if (__atomic_load_n(&c->evict, __ATOMIC_ACQUIRE))
+			kvd_log("leave job=%s rank=%d pid=%d (evicted: %s)", j->name, c->rank,
+				(int)c->pid, c->evict_why);
+		else
+			kvd_log("leave job=%s rank=%d pid=%d", j->name, c->rank, (int)c->pid);
+		cn->cl = NULL;
+		/* from here on the engine owns c */
+		engine_post(d, EV_LEAVE, c, last ? j : NULL);
+	}
+	if (cn->prev)
+		cn->prev->next = cn->next;
+	else
+		x->conns = cn->next;
+	if (cn->next)
+		cn->next->prev = cn->prev;
+	close(cn->fd);
+	free(cn);
+}
+
+void ctl_evict(struct kvd *d, struct client *c)
+{
+	uint64_t one = 1;
+
+	/* evict_why was written before; pairs with the load-acquire in on_evict() */
+	__atomic_store_n(&c->evict, 1, __ATOMIC_RELEASE);
+	(void)!write(d->ctl->evfd, &one, sizeof(one));
+}
+
+static void on_evict(struct ctl *x)
+{
+	for (struct conn *cn = x->conns; cn; cn = cn->next)
+		if (cn->cl && __atomic_load_n(&cn->cl->evict, __ATOMIC_ACQUIRE))
+			shutdown(cn->fd, SHUT_RDWR); /* its recvmsg completes with EOF */
+}
+
+static void on_signal(struct ctl *x)
+{
+	const char *name = strsignal((int)x->si.ssi_signo);
+
+	kvd_log("%s: finishing rounds in flight, then stopping", name ? name : "signal");
+	x->stop = true;
+}
+
+static void on_cqe(struct ctl *x, struct io_uring_cqe *cqe)
+{
+	uintptr_t ud = (uintptr_t)io_uring_cqe_get_data(cqe);
+	enum tag t = (enum tag)(ud & 7);
+	struct conn *cn = (struct conn *)(ud & ~(uintptr_t)7);
+
+	switch (t) {
+	case T_ACCEPT:
+		if (cqe->res >= 0)
+			on_accept(x, cqe->res);
+		else if (cqe->res != -EINTR && cqe->res != -ECONNABORTED)
+			kvd_log("accept: %s", strerror(-cqe->res));
+		if (!(cqe->flags & IORING_CQE_F_MORE))
+			arm_accept(x);
+		break;
+	case T_SIGNAL:
+		if (cqe->res == (int)sizeof(x->si))
+			on_signal(x);
+		arm_read(x, x->sigfd, &x->si, sizeof(x->si), T_SIGNAL);
+		break;
+	case T_EVICT:
+		on_evict(x);
+		arm_read(x, x->evfd, &x->evval, sizeof(x->evval), T_EVICT);
+		break;
+	case T_CONN: {
+		int fds[SEG_MAX_FDS], nfds = 0;
+
+		if (cqe->res > 0) {
+			for (struct cmsghdr *c = CMSG_FIRSTHDR(&cn->mh); c;
+			     c = CMSG_NXTHDR(&cn->mh, c)) {
+				if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+					continue;
+				size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+				for (size_t i = 0; i < k; i++) {
+					int fd;
+					memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+					if (nfds < SEG_MAX_FDS)
+						fds[nfds++] = fd;
+					else
+						close(fd);
+				}
+			}
+		}
+		if (cqe->res > 0 && !(cn->mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
+			handle(x, cn, (size_t)cqe->res, fds, nfds);
+		} else {
+			for (int i = 0; i < nfds; i++)
+				close(fds[i]);
+			if (cqe->res > 0) {
+				kvd_log("pid=%d sent an oversized message; disconnecting",
+					(int)cn->pid);
+				reply_error(cn, 0, KV_ERR_PROTO, "message too large");
+			}
+			conn_close(x, cn);
+		}
+		break;
+	}
+	}
+}
+
+int ctl_run(struct kvd *d)
+{
+	struct ctl *x = calloc(1, sizeof(*x));
+	sigset_t mask;
+	int err;
+
+	if (!x)
+		return -ENOMEM;
+	x->d = d;
+	d->ctl = x;
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGTERM);
+	sigaddset(&mask, SIGINT);
+	x->sigfd = signalfd(-1, &mask, SFD_CLOEXEC);
+	x->evfd = eventfd(0, EFD_CLOEXEC);
+	if (x->sigfd < 0 || x->evfd < 0)
+		return -errno;
+	err = io_uring_queue_init(RING_DEPTH, &x->ring, 0);
+	if (err) {
+		kvd_log("io_uring_queue_init: %s", strerror(-err));
+		return err;
+	}
+	arm_accept(x);
+	arm_read(x, x->sigfd, &x->si, sizeof(x->si), T_SIGNAL);
+	arm_read(x, x->evfd, &x->evval, sizeof(x->evval), T_EVICT);
+
+	while (!x->stop) {
+		struct io_uring_cqe *cqe;
+		unsigned head, n = 0;
+
+		err = io_uring_submit_and_wait(&x->ring, 1);
+		if (err < 0 && err != -EINTR && err != -EBUSY) {
+			kvd_log("io_uring: %s", strerror(-err));
+			break;
+		}
+		io_uring_for_each_cqe(&x->ring, head, cqe)
+		{
+			on_cqe(x, cqe);
+			n++;
+		}
+		io_uring_cq_advance(&x->ring, n);
+	}
+
+	/* stop: the engine finishes the rounds in flight and fails the rest */
+	engine_post(d, EV_SHUTDOWN, NULL, NULL);
+	engine_stop(d);
+	while (x->conns) {
+		struct conn *cn = x->conns;
+		x->conns = cn->next;
+		close(cn->fd);
+		free(cn);
+	}
+	engine_free_all(d);
+	io_uring_queue_exit(&x->ring);
+	close(x->sigfd);
+	close(x->evfd);
+	free(x);
+	d->ctl = NULL;
+	return 0;
+}

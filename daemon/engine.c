@@ -1,0 +1,1366 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * engine.c - the data plane: submission rings in, rounds, completions out.
+ *
+ * One engine thread owns every round.  It copies each submission out of a
+ * client's ring, validates the copy (op, key, dtype, count, part, and that
+ * every buffer lies inside a segment of that client), and files it:
+ *  - push, pushpull, broadcast: in the key part's FIFO for that rank; when
+ *    every rank's FIFO has a head, the part's round is ready and goes to a
+ *    max-heap by priority;
+ *  - pull: served at once, or parked until this rank's earlier pushes on the
+ *    part are done;
+ *  - init: rank 0 stores its value; other ranks wait for it.
+ * A ready round small enough is summed on the engine thread; larger ones go
+ * to the reduce workers, which only do arithmetic on a task (a private list
+ * of pointers) and hand it back.  While a round is on a worker its part is
+ * busy: its FIFO heads stay put and nothing else touches its value.
+ *
+ * Completions that do not fit a client's completion ring wait on a private
+ * overflow list (as io_uring's do) and move in as the client reaps, so
+ * submissions are always taken and ranks that issue keys in different
+ * orders never deadlock on ring space.  A client that lets the list grow
+ * past OVERFLOW_MAX, or whose ring words are impossible, is evicted; it can
+ * only ever harm its own job.
+ *
+ * Sleeping: after a short spin with nothing to do, the engine sets the
+ * sleeping flag in every client's submission ring and its own, re-checks
+ * everything, and blocks in read() on the doorbell eventfd, which clients,
+ * workers and the control thread write only when they see the flag.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "kvd.h"
+#include "../kernels/reduce.h"
+#include "../shm/futex.h"
+
+#define SPIN_NS 50000u /* keep polling this long after the last work */
+#define POLL_BUDGET 64 /* submissions taken from one client per pass */
+#define OVERFLOW_MAX (1u << 20) /* completions kept for a client that does not reap */
+
+struct overflow {
+	struct overflow *next;
+	struct kv_cqe cqe;
+};
+
+enum { KIND_SUM = 1, KIND_BCAST = 2 };
+enum where { W_NONE, W_QUEUE, W_PULL, W_INITW, W_HELD };
+
+struct event {
+	struct event *next;
+	enum ev_type type;
+	struct client *c;
+	struct job *j;
+};
+
+struct task {
+	struct task *next;
+	struct job *job;
+	struct key *key;
+	uint32_t part;
+	int kind;
+	kv_dtype dtype;
+	size_t n;
+	int nin, nout;
+	struct client **refs; /* clients whose memory the task touches (nin of them) */
+	uint8_t **ptrs;       /* nin inputs, then nout outputs (outs[0]: the value) */
+};
+
+struct ready {
+	int32_t prio;
+	uint64_t seq;
+	struct job *job;
+	struct key *key;
+	uint32_t part;
+};
+
+struct engine {
+	struct kvd *d;
+	pthread_t thread;
+	int doorbell;
+	uint32_t sleeping; /* [atomic] */
+
+	pthread_mutex_t qlock; /* events and done */
+	struct event *ev_head, *ev_tail;
+	struct task *done;
+	uint32_t pending_events; /* [atomic] a hint for the sleep check */
+
+	pthread_mutex_t plock; /* the workers' queue */
+	pthread_cond_t pcond;
+	struct task *todo_head, *todo_tail;
+	bool stop_workers;
+	pthread_t *workers;
+	int nworkers;
+
+	/* engine thread only */
+	struct client *clients;
+	struct ready *heap;
+	size_t nheap, capheap;
+	uint64_t seq;
+	bool shutting_down;
+	bool exit_now;
+	int tasks_out;
+};
+
+/* ------------------------------------------------------------------ helpers */
+
+static struct contrib *contrib_new(struct client *c, const struct kv_sqe *s)
+{
+	struct contrib *x = calloc(1, sizeof(*x));
+
+	if (!x)
+		return NULL;
+	x->c = c;
+	x->sqe = *s;
+	x->t0_ns = kvd_now_ns();
+	/* the client's pending list, for CANCEL and for leaving */
+	x->cnext = c->pending;
+	if (c->pending)
+		c->pending->cprev = x;
+	c->pending = x;
+	return x;
+}
+
+static void contrib_unlink(struct contrib *x)
+{
+	struct client *c = x->c;
+
+	if (x->cprev)
+		x->cprev->cnext = x->cnext;
+	else
+		c->pending = x->cnext;
+	if (x->cnext)
+		x->cnext->cprev = x->cprev;
+	x->cnext = x->cprev = NULL;
+}
+
+static unsigned lat_bucket(uint64_t ns)
+{
+	uint64_t us = ns / 1000;
+	unsigned b = 0;
+
+	while (b < LAT_BUCKETS && us >= (1ull << b))
+		b++;
+	return b; /* bucket b: < 2^b us; LAT_BUCKETS: above all */
+}
+
+static void evict(struct kvd *d, struct client *c, const char *why)
+{
+	if (c->broken)
+		return;
+	c->broken = true;
+	snprintf(c->evict_why, sizeof(c->evict_why), "%s", why);
+	ctl_evict(d, c);
+}
+
+/* Post the completion of one submission (x may be NULL for a bare sqe). */
+static void post(struct engine *e, struct client *c, const struct kv_sqe *s, int status,
+		 uint64_t round)
+{
+	if (s->op != KV_OP_CANCEL)
+		c->inflight--;
+	if (c->left || c->broken)
+		return;
+	struct kv_cqe q = {
+		.user_data = s->user_data, .status = status, .part = s->part, .round = round
+	};
+	int rc = c->overflow ? -EAGAIN : ring_push(&c->cq, &q);
+
+	if (rc == -EAGAIN) {
+		/* the client is slow to reap: keep it here, like io_uring's CQ overflow */
+		struct overflow *o = malloc(sizeof(*o));
+		if (!o || c->noverflow >= OVERFLOW_MAX) {
+			free(o);
+			evict(e->d, c, "too many completions left unreaped");
+			return;
+		}
+		o->cqe = q;
+		o->next = NULL;
+		if (c->overflow_tail)
+			c->overflow_tail->next = o;
+		else
+			c->overflow = o;
+		c->overflow_tail = o;
+		c->noverflow++;
+		return;
+	}
+	if (rc) {
+		evict(e->d, c, "completion ring indices are corrupt");
+		return;
+	}
+	if (ring_consumer_sleeping(&c->cq))
+		ring_wake(&c->cq);
+}
+
+/* Move what overflowed into the completion ring as it frees up. */
+static int flush_overflow(struct engine *e, struct client *c)
+{
+	int n = 0, rc = 0;
+
+	while (c->overflow) {
+		struct overflow *o = c->overflow;
+		rc = ring_push(&c->cq, &o->cqe);
+		if (rc)
+			break;
+		c->overflow = o->next;
+		if (!c->overflow)
+			c->overflow_tail = NULL;
+		c->noverflow--;
+		free(o);
+		n++;
+	}
+	if (rc && rc != -EAGAIN)
+		evict(e->d, c, "completion ring indices are corrupt");
+	if (n && ring_consumer_sleeping(&c->cq))
+		ring_wake(&c->cq);
+	return n;
+}
+
+static void complete(struct engine *e, struct contrib *x, int status, uint64_t round)
+{
+	struct job *j = x->c->job;
+	uint64_t dt = kvd_now_ns() - x->t0_ns;
+
+	contrib_unlink(x);
+	post(e, x->c, &x->sqe, status, round);
+	__atomic_add_fetch(&j->ops, 1, __ATOMIC_RELAXED);
+	__atomic_sub_fetch(&j->inflight, 1, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&j->lat[lat_bucket(dt)], 1, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&j->lat_count, 1, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&j->lat_sum_ns, dt, __ATOMIC_RELAXED);
+	free(x);
+}
+
+static size_t part_elems(const struct key *k, uint32_t part)
+{
+	uint64_t start = (uint64_t)part * k->part_elems;
+	uint64_t left = k->count - start;
+
+	return (size_t)(left < k->part_elems ? left : k->part_elems);
+}
+
+static uint8_t *part_value(const struct key *k, uint32_t part)
+{
+	return k->value + (size_t)part * k->part_elems * k->esize;
+}
+
+/* A location inside one of c's segments, or NULL (*bad set when it is not). */
+static uint8_t *resolve(struct client *c, const struct kv_loc *l, size_t bytes, bool *bad)
+{
+	/* pairs with the store-release of nsegs in client_add_seg() */
+	uint32_t n = __atomic_load_n(&c->nsegs, __ATOMIC_ACQUIRE);
+	const struct seginfo *s;
+
+	if (l->seg == KV_SEG_NONE)
+		return NULL;
+	if (l->seg >= n) {
+		*bad = true;
+		return NULL;
+	}
+	s = &c->segs[l->seg];
+	if (l->off > s->size || bytes > s->size - l->off) {
+		*bad = true;
+		return NULL;
+	}
+	return s->base + l->off;
+}
+
+static int op_kind(uint8_t op)
+{
+	return op == KV_OP_BCAST ? KIND_BCAST : KIND_SUM;
+}
+
+/* ------------------------------------------------------------------ heap */
+
+static bool heap_before(const struct ready *a, const struct ready *b)
+{
+	return a->prio > b->prio || (a->prio == b->prio && a->seq < b->seq);
+}
+
+static int heap_push(struct engine *e, struct ready r)
+{
+	size_t i;
+
+	if (e->nheap == e->capheap) {
+		size_t cap = e->capheap ? e->capheap * 2 : 256;
+		struct ready *n = realloc(e->heap, cap * sizeof(*n));
+		if (!n)
+			return -ENOMEM;
+		e->heap = n;
+		e->capheap = cap;
+	}
+	i = e->nheap++;
+	while (i > 0 && heap_before(&r, &e->heap[(i - 1) / 2])) {
+		e->heap[i] = e->heap[(i - 1) / 2];
+		i = (i - 1) / 2;
+	}
+	e->heap[i] = r;
+	return 0;
+}
+
+static struct ready heap_pop(struct engine *e)
+{
+	struct ready top = e->heap[0], last = e->heap[--e->nheap];
+	size_t i = 0;
+
+	for (;;) {
+		size_t l = 2 * i + 1, r = l + 1, m = i;
+		const struct ready *best = &last;
+		if (l < e->nheap && heap_before(&e->heap[l], best)) {
+			m = l;
+			best = &e->heap[l];
+		}
+		if (r < e->nheap && heap_before(&e->heap[r], best))
+			m = r;
+		if (m == i)
+			break;
+		e->heap[i] = e->heap[m];
+		i = m;
+	}
+	if (e->nheap)
+		e->heap[i] = last;
+	return top;
+}
+
+/* Drop every heap entry of job j (it is about to be freed). */
+static void heap_purge(struct engine *e, struct job *j)
+{
+	size_t n = e->nheap;
+	struct ready *old = e->heap;
+
+	e->nheap = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (old[i].job == j)
+			continue;
+		struct ready r = old[i];
+		size_t k = e->nheap++;
+		while (k > 0 && heap_before(&r, &old[(k - 1) / 2])) {
+			old[k] = old[(k - 1) / 2];
+			k = (k - 1) / 2;
+		}
+		old[k] = r;
+	}
+}
+
+/* ------------------------------------------------------------------ rounds */
+
+static void queue_append(struct part *p, int r, struct contrib *x)
+{
+	x->next = NULL;
+	if (p->tail[r])
+		p->tail[r]->next = x;
+	else {
+		p->head[r] = x;
+		p->nready++;
+	}
+	p->tail[r] = x;
+}
+
+static struct contrib *queue_pop(struct part *p, int r)
+{
+	struct contrib *x = p->head[r];
+
+	p->head[r] = x->next;
+	if (!p->head[r]) {
+		p->tail[r] = NULL;
+		p->nready--;
+	}
+	x->next = NULL;
+	return x;
+}
+
+/* Remove x from rank r's queue wherever it is. */
+static void queue_remove(struct part *p, int r, struct contrib *x)
+{
+	struct contrib *prev = NULL;
+
+	for (struct contrib *y = p->head[r]; y; prev = y, y = y->next) {
+		if (y != x)
+			continue;
+		if (prev)
+			prev->next = x->next;
+		else
+			p->head[r] = x->next;
+		if (p->tail[r] == x)
+			p->tail[r] = prev;
+		if (!p->head[r])
+			p->nready--;
+		x->next = NULL;
+		return;
+	}
+}
+
+static bool list_remove(struct contrib **list, struct contrib *x)
+{
+	for (struct contrib **pp = list; *pp; pp = &(*pp)->next) {
+		if (*pp == x) {
+			*pp = x->next;
+			x->next = NULL;
+			return true;
+		}
+	}
+	return false;
+}
+
+static void maybe_ready(struct engine *e, struct job *j, struct key *k, uint32_t part)
+{
+	struct part *p = &k->parts[part];
+	int n = j->num_workers, kind;
+	int32_t prio;
+
+	if (p->busy || p->queued || p->nready != (uint32_t)n)
+		return;
+	/* rank 0's op decides the round; a rank that disagrees fails alone */
+	kind = op_kind(p->head[0]->sqe.op);
+	for (int r = 1; r < n; r++) {
+		if (op_kind(p->head[r]->sqe.op) != kind) {
+			struct contrib *x = queue_pop(p, r);
+			p->submitted[r]--;
+			complete(e, x, KV_ERR_MISMATCH, p->rounds_done);
+		}
+	}
+	if (p->nready != (uint32_t)n)
+		return;
+	prio = p->head[0]->sqe.priority;
+	for (int r = 1; r < n; r++)
+		if (p->head[r]->sqe.priority > prio)
+			prio = p->head[r]->sqe.priority;
+	if (heap_push(e, (struct ready){ prio, e->seq++, j, k, part }) == 0)
+		p->queued = true;
+}
+
+/* The arithmetic of one round; any number of inputs and outputs. */
+static void round_exec(int kind, kv_dtype t, uint8_t *const *ins, int nin, uint8_t *const *outs,
+		       int nout, size_t n)
+{
+	void *const *o = (void *const *)outs;
+	const void *const *in = (const void *const *)ins;
+	int first;
+
+	if (kind == KIND_BCAST) {
+		for (int i = 0; i < nout; i += REDUCE_MAX_INPUTS) {
+			int m = nout - i < REDUCE_MAX_INPUTS ? nout - i : REDUCE_MAX_INPUTS;
+			reduce_copy(REDUCE_CPU, NULL, t, o + i, m, ins[0], n);
+		}
+		return;
+	}
+	if (nin <= REDUCE_MAX_INPUTS && nout <= REDUCE_MAX_INPUTS) {
+		reduce_sum(REDUCE_CPU, NULL, t, o, nout, in, nin, n);
+		return;
+	}
+	/* many ranks: accumulate into outs[0] (the key's value, which aliases no
+	 * input), then copy it to the other outputs */
+	first = nin < REDUCE_MAX_INPUTS ? nin : REDUCE_MAX_INPUTS;
+	reduce_sum(REDUCE_CPU, NULL, t, o, 1, in, first, n);
+	for (int i = first; i < nin; i += REDUCE_MAX_INPUTS - 1) {
+		const void *batch[REDUCE_MAX_INPUTS];
+		int m = nin - i < REDUCE_MAX_INPUTS - 1 ? nin - i : REDUCE_MAX_INPUTS - 1;
+		batch[0] = outs[0];
+		for (int b = 0; b < m; b++)
+			batch[b + 1] = ins[i + b];
+		reduce_sum(REDUCE_CPU, NULL, t, o, 1, batch, m + 1, n);
+	}
+	for (int i = 1; i < nout; i += REDUCE_MAX_INPUTS) {
+		int m = nout - i < REDUCE_MAX_INPUTS ? nout - i : REDUCE_MAX_INPUTS;
+		reduce_copy(REDUCE_CPU, NULL, t, o + i, m, outs[0], n);
+	}
+}
+
+static void serve_pulls(struct engine *e, struct key *k, uint32_t part)
+{
+	struct part *p = &k->parts[part];
+	struct contrib **pp = &p->pulls;
+	size_t bytes = part_elems(k, part) * k->esize;
+
+	while (*pp) {
+		struct contrib *x = *pp;
+		if (x->target > p->rounds_done) {
+			pp = &x->next;
+			continue;
+		}
+		*pp = x->next;
+		x->next = NULL;
+		memcpy(x->out, part_value(k, part), bytes);
+		complete(e, x, KV_OK, p->rounds_done);
+	}
+}
+
+static void mark_valued(struct key *k, struct part *p)
+{
+	if (p->has_value)
+		return;
+	p->has_value = true;
+	if (++k->parts_valued == k->nparts)
+		/* lets KEY_FIND succeed; pairs with the load-acquire in job_key_open() */
+		__atomic_store_n(&k->has_value, 1, __ATOMIC_RELEASE);
+}
+
+/* After the arithmetic: advance the part and complete every rank's head. */
+static void round_done(struct engine *e, struct job *j, struct key *k, uint32_t part)
+{
+	struct part *p = &k->parts[part];
+	size_t bytes = part_elems(k, part) * k->esize;
+
+	p->rounds_done++;
+	mark_valued(k, p);
+	if (part == 0)
+		__atomic_add_fetch(&j->rounds, 1, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&j->bytes_reduced, bytes, __ATOMIC_RELAXED);
+	for (int r = 0; r < j->num_workers; r++)
+		complete(e, queue_pop(p, r), KV_OK, p->rounds_done);
+	p->stall_since = p->nready ? kvd_now() : 0;
+	serve_pulls(e, k, part);
+	maybe_ready(e, j, k, part);
+}
+
+static void task_free(struct task *t)
+{
+	free(t);
+}
+
+static struct task *task_new(struct job *j, struct key *k, uint32_t part, int nin, int nout)
+{
+	struct task *t = calloc(1, sizeof(*t) + (size_t)nin * sizeof(struct client *) +
+					    (size_t)(nin + nout) * sizeof(uint8_t *));
+	if (!t)
+		return NULL;
+	t->refs = (struct client **)(t + 1);
+	t->ptrs = (uint8_t **)(t->refs + nin);
+	t->job = j;
+	t->key = k;
+	t->part = part;
+	t->nin = nin;
+	t->nout = nout;
+	t->dtype = k->dtype;
+	t->n = part_elems(k, part);
+	return t;
+}
+
+/* Collect the round's buffers: ins are every head's input (or rank 0's for a
+ * broadcast); outs[0] is the value, then each head's output. */
+static struct task *round_task(struct job *j, struct key *k, uint32_t part)
+{
+	struct part *p = &k->parts[part];
+	int n = j->num_workers, kind = op_kind(p->head[0]->sqe.op);
+	int nin = kind == KIND_BCAST ? 1 : n, nout = 1;
+	struct task *t;
+
+	for (int r = 0; r < n; r++)
+		nout += p->head[r]->out != NULL;
+	t = task_new(j, k, part, nin, nout);
+	if (!t)
+		return NULL;
+	t->kind = kind;
+	for (int i = 0; i < nin; i++) {
+		t->ptrs[i] = p->head[i]->in;
+		t->refs[i] = p->head[i]->c;
+	}
+	t->ptrs[nin] = part_value(k, part);
+	for (int r = 0, o = nin + 1; r < n; r++) {
+		uint8_t *out = p->head[r]->out;
+		if (!out)
+			continue;
+		/* a broadcast's output that is rank 0's input needs no copy */
+		if (kind == KIND_BCAST && out == t->ptrs[0]) {
+			t->nout--;
+			continue;
+		}
+		t->ptrs[o++] = out;
+	}
+	return t;
+}
+
+static void task_run(struct task *t)
+{
+	round_exec(t->kind, t->dtype, t->ptrs, t->nin, t->ptrs + t->nin, t->nout, t->n);
+}
+
+static int run_ready(struct engine *e)
+{
+	int work = 0;
+
+	while (e->nheap) {
+		struct ready r = heap_pop(e);
+		struct part *p = &r.key->parts[r.part];
+		struct task *t;
+
+		p->queued = false;
+		if (p->busy || p->nready != (uint32_t)r.job->num_workers)
+			continue; /* changed since it was queued */
+		work++;
+		t = round_task(r.job, r.key, r.part);
+		if (!t) {
+			kvd_log("out of memory for a round of key '%s'", r.key->name);
+			maybe_ready(e, r.job, r.key, r.part);
+			break;
+		}
+		if (e->nworkers == 0 || t->n * r.key->esize <= e->d->cfg.inline_bytes) {
+			task_run(t);
+			task_free(t);
+			round_done(e, r.job, r.key, r.part);
+			continue;
+		}
+		p->busy = true;
+		r.job->busy++;
+		e->tasks_out++;
+		for (int i = 0; i < t->nin; i++)
+			t->refs[i]->refs++;
+		pthread_mutex_lock(&e->plock);
+		if (e->todo_tail)
+			e->todo_tail->next = t;
+		else
+			e->todo_head = t;
+		e->todo_tail = t;
+		pthread_cond_signal(&e->pcond);
+		pthread_mutex_unlock(&e->plock);
+	}
+	return work;
+}
+
+static void *worker_main(void *arg)
+{
+	struct engine *e = arg;
+
+	for (;;) {
+		struct task *t;
+
+		pthread_mutex_lock(&e->plock);
+		while (!e->todo_head && !e->stop_workers)
+			pthread_cond_wait(&e->pcond, &e->plock);
+		if (!e->todo_head) {
+			pthread_mutex_unlock(&e->plock);
+			return NULL;
+		}
+		t = e->todo_head;
+		e->todo_head = t->next;
+		if (!e->todo_head)
+			e->todo_tail = NULL;
+		pthread_mutex_unlock(&e->plock);
+
+		task_run(t);
+
+		pthread_mutex_lock(&e->qlock);
+		t->next = e->done;
+		e->done = t;
+		pthread_mutex_unlock(&e->qlock);
+		/* pairs with the fence in engine_sleep(): one of us sees the other */
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		if (__atomic_load_n(&e->sleeping, __ATOMIC_RELAXED)) {
+			uint64_t one = 1;
+			(void)!write(e->doorbell, &one, sizeof(one));
+		}
+	}
+}
+
+static void client_release(struct engine *e, struct client *c);
+static void job_maybe_free(struct engine *e, struct job *j);
+
+static int drain_done(struct engine *e)
+{
+	struct task *t;
+	int n = 0;
+
+	pthread_mutex_lock(&e->qlock);
+	t = e->done;
+	e->done = NULL;
+	pthread_mutex_unlock(&e->qlock);
+	while (t) {
+		struct task *next = t->next;
+		struct job *j = t->job;
+		struct part *p = &t->key->parts[t->part];
+
+		p->busy = false;
+		j->busy--;
+		e->tasks_out--;
+		round_done(e, j, t->key, t->part);
+		for (int i = 0; i < t->nin; i++) {
+			struct client *c = t->refs[i];
+			if (--c->refs == 0 && c->left)
+				client_release(e, c);
+		}
+		task_free(t);
+		job_maybe_free(e, j);
+		t = next;
+		n++;
+	}
+	return n;
+}
+
+/* ------------------------------------------------------------------ ops */
+
+static bool job_broken(const struct job *j)
+{
+	return j->dropped || (j->complete_once && j->eng_present < j->num_workers);
+}
+
+static int broken_status(const struct engine *e, const struct job *j)
+{
+	return e->shutting_down ? KV_ERR_DAEMON : KV_ERR_PEER;
+}
+
+static void do_pull(struct engine *e, struct contrib *x)
+{
+	struct key *k = x->key;
+	struct part *p = &k->parts[x->sqe.part];
+
+	if (!p->has_value) {
+		complete(e, x, KV_ERR_NOKEY, p->rounds_done);
+		return;
+	}
+	x->target = p->submitted[x->c->rank];
+	if (x->target <= p->rounds_done && !p->busy) {
+		memcpy(x->out, part_value(k, x->sqe.part), part_elems(k, x->sqe.part) * k->esize);
+		complete(e, x, KV_OK, p->rounds_done);
+		return;
+	}
+	x->next = p->pulls;
+	p->pulls = x;
+}
+
+static void init_finish(struct engine *e, struct contrib *x)
+{
+	struct key *k = x->key;
+
+	if (x->out)
+		memcpy(x->out, part_value(k, x->sqe.part), part_elems(k, x->sqe.part) * k->esize);
+	complete(e, x, KV_OK, k->parts[x->sqe.part].rounds_done);
+}
+
+static void do_init(struct engine *e, struct contrib *x)
+{
+	struct key *k = x->key;
+	uint32_t part = x->sqe.part;
+	struct part *p = &k->parts[part];
+	int r = x->c->rank;
+
+	if (p->inited[r]) {
+		complete(e, x, KV_ERR_EXISTS, p->rounds_done);
+		return;
+	}
+	p->inited[r] = 1;
+	/* a value stored already (by rank 0, a broadcast, or before this rank
+	 * was restarted) stays: the call returns it */
+	if (p->has_value) {
+		init_finish(e, x);
+		return;
+	}
+	if (r != 0) {
+		if (job_broken(x->c->job) && !x->c->job->eng_ranks[0]) {
+			p->inited[r] = 0;
+			complete(e, x, KV_ERR_PEER, p->rounds_done);
+			return;
+		}
+		x->next = p->init_waiters;
+		p->init_waiters = x;
+		return;
+	}
+	memcpy(part_value(k, part), x->in, part_elems(k, part) * k->esize);
+	mark_valued(k, p);
+	init_finish(e, x);
+	while (p->init_waiters) {
+		struct contrib *w = p->init_waiters;
+		p->init_waiters = w->next;
+		w->next = NULL;
+		init_finish(e, w);
+	}
+}
+
+static void do_round(struct engine *e, struct contrib *x)
+{
+	struct job *j = x->c->job;
+	struct key *k = x->key;
+	struct part *p = &k->parts[x->sqe.part];
+	int r = x->c->rank;
+
+	if (job_broken(j) || e->shutting_down) {
+		complete(e, x, broken_status(e, j), p->rounds_done);
+		return;
+	}
+	if (!p->nready)
+		p->stall_since = kvd_now();
+	queue_append(p, r, x);
+	p->submitted[r]++;
+	maybe_ready(e, j, k, x->sqe.part);
+}
+
+static void dispatch(struct engine *e, struct contrib *x)
+{
+	switch (x->sqe.op) {
+	case KV_OP_INIT:
+		do_init(e, x);
+		break;
+	case KV_OP_PULL:
+		do_pull(e, x);
+		break;
+	default:
+		do_round(e, x);
+		break;
+	}
+}
+
+/* Cancel every queued part of the op user_data of client c (not one in a busy round). */
+static void do_cancel(struct engine *e, struct client *c, uint64_t user_data)
+{
+	struct contrib *x = c->pending, *next;
+
+	for (; x; x = next) {
+		struct part *p;
+
+		next = x->cnext;
+		if (x->sqe.user_data != user_data)
+			continue;
+		p = x->key ? &x->key->parts[x->sqe.part] : NULL;
+		switch (x->sqe.op) {
+		case KV_OP_INIT:
+			if (list_remove(&p->init_waiters, x))
+				p->inited[c->rank] = 0;
+			else
+				list_remove(&c->job->held, x);
+			break;
+		case KV_OP_PULL:
+			if (!list_remove(&p->pulls, x))
+				list_remove(&c->job->held, x);
+			break;
+		default:
+			if (p->busy && p->head[c->rank] == x)
+				continue; /* being summed: it completes normally */
+			queue_remove(p, c->rank, x);
+			p->submitted[c->rank]--;
+			if (p->queued && p->nready != (uint32_t)c->job->num_workers)
+				p->queued = false;
+			break;
+		}
+		complete(e, x, KV_ERR_TIMEOUT, p ? p->rounds_done : 0);
+	}
+}
+
+static void take(struct engine *e, struct client *c, const struct kv_sqe *s)
+{
+	struct job *j = c->job;
+	struct key *k;
+	struct contrib *x;
+	size_t bytes;
+	uint8_t *in, *out;
+	bool bad = false, need_in, need_out;
+
+	if (s->op == KV_OP_CANCEL) {
+		do_cancel(e, c, s->user_data);
+		return;
+	}
+	__atomic_add_fetch(&j->inflight, 1, __ATOMIC_RELAXED);
+	{
+		uint64_t now = __atomic_load_n(&j->inflight, __ATOMIC_RELAXED);
+		if (now > __atomic_load_n(&j->peak_inflight, __ATOMIC_RELAXED))
+			__atomic_store_n(&j->peak_inflight, now, __ATOMIC_RELAXED);
+	}
+	x = contrib_new(c, s);
+	if (!x) {
+		__atomic_sub_fetch(&j->inflight, 1, __ATOMIC_RELAXED);
+		post(e, c, s, KV_ERR_NOMEM, 0);
+		return;
+	}
+	if (s->op == KV_OP_NOP || s->op >= KV_OP_MAX) {
+		complete(e, x, KV_ERR_INVALID, 0);
+		return;
+	}
+	k = job_key(j, s->key);
+	if (!k) {
+		complete(e, x, KV_ERR_NOKEY, 0);
+		return;
+	}
+	if (s->dtype != k->dtype || s->count != k->count) {
+		complete(e, x, KV_ERR_MISMATCH, 0);
+		return;
+	}
+	if (s->part >= k->nparts) {
+		complete(e, x, KV_ERR_INVALID, 0);
+		return;
+	}
+	x->key = k;
+	bytes = part_elems(k, s->part) * k->esize;
+	in = resolve(c, &s->in, bytes, &bad);
+	out = resolve(c, &s->out, bytes, &bad);
+	switch (s->op) {
+	case KV_OP_INIT:
+		need_in = c->rank == 0;
+		need_out = false;
+		break;
+	case KV_OP_PUSH:
+		need_in = true;
+		need_out = false;
+		break;
+	case KV_OP_PULL:
+		need_in = false;
+		need_out = true;
+		break;
+	case KV_OP_BCAST:
+		need_in = c->rank == 0;
+		need_out = false;
+		break;
+	default: /* PUSHPULL */
+		need_in = true;
+		need_out = false;
+		break;
+	}
+	if (bad || (need_in && !in) || (need_out && !out)) {
+		complete(e, x, KV_ERR_INVALID, 0);
+		return;
+	}
+	x->in = in;
+	x->out = out;
+	if (s->op == KV_OP_BCAST && c->rank != 0)
+		x->in = NULL;
+	if (!j->complete_once && (s->op == KV_OP_INIT || s->op == KV_OP_PULL)) {
+		/* ops start once every rank has joined */
+		x->next = NULL;
+		struct contrib **pp = &j->held;
+		while (*pp)
+			pp = &(*pp)->next;
+		*pp = x;
+		return;
+	}
+	if (e->shutting_down || j->dropped) {
+		complete(e, x, broken_status(e, j), 0);
+		return;
+	}
+	dispatch(e, x);
+}
+
+static int poll_client(struct engine *e, struct client *c)
+{
+	int n = 0;
+
+	if (c->overflow)
+		n += flush_overflow(e, c);
+	while (n < POLL_BUDGET && !c->broken) {
+		struct kv_sqe s;
+		int rc = ring_pop(&c->sq, &s);
+
+		if (rc == -EAGAIN)
+			break;
+		if (rc) {
+			evict(e->d, c, "submission ring indices are corrupt");
+			break;
+		}
+		if (s.op != KV_OP_CANCEL)
+			c->inflight++;
+		take(e, c, &s);
+		n++;
+	}
+	return n;
+}
+
+/* ------------------------------------------------------------------ membership */
+
+static void fail_list(struct engine *e, struct contrib **list, int status)
+{
+	while (*list) {
+		struct contrib *x = *list;
+		*list = x->next;
+		x->next = NULL;
+		complete(e, x, status, 0);
+	}
+}
+
+/*
+ * A rank left, the job was dropped, or the daemon is stopping: fail every
+ * op that waits for other ranks.  Busy rounds finish; the values stay as of
+ * the last completed round.  gone_rank < 0: nobody left (drop, shutdown).
+ */
+static void job_fail_pending(struct engine *e, struct job *j, int gone_rank, int status)
+{
+	int n = j->num_workers;
+
+	for (uint32_t id = 0; id < j->nkeys; id++) {
+		struct key *k = job_key(j, id);
+		for (uint32_t pi = 0; pi < k->nparts; pi++) {
+			struct part *p = &k->parts[pi];
+			for (int r = 0; r < n; r++) {
+				struct contrib *x = p->head[r];
+				if (x && p->busy) /* the head is in the round on a worker */
+					x = x->next;
+				while (x) {
+					struct contrib *next = x->next;
+					queue_remove(p, r, x);
+					complete(e, x, status, p->rounds_done);
+					x = next;
+				}
+				p->submitted[r] = p->rounds_done + (p->busy ? 1 : 0);
+			}
+			p->queued = false;
+			p->stall_since = 0;
+			/* pulls that wait for a round that will not come */
+			for (struct contrib **pp = &p->pulls; *pp;) {
+				struct contrib *x = *pp;
+				if (x->target > p->rounds_done + (p->busy ? 1 : 0)) {
+					*pp = x->next;
+					x->next = NULL;
+					complete(e, x, status, p->rounds_done);
+				} else {
+					pp = &x->next;
+				}
+			}
+			if (gone_rank <= 0) {
+				for (struct contrib *w = p->init_waiters; w; w = w->next)
+					p->inited[w->c->rank] = 0;
+				fail_list(e, &p->init_waiters, status);
+			}
+		}
+	}
+}
+
+/* Remove every contribution of c that is not in a busy round (c has left). */
+static void client_drop_pending(struct engine *e, struct client *c)
+{
+	struct job *j = c->job;
+	struct contrib *x = c->pending, *next;
+
+	for (; x; x = next) {
+		struct part *p = x->key ? &x->key->parts[x->sqe.part] : NULL;
+
+		next = x->cnext;
+		if (!p) {
+			complete(e, x, KV_ERR_PEER, 0);
+			continue;
+		}
+		switch (x->sqe.op) {
+		case KV_OP_INIT:
+			list_remove(&p->init_waiters, x);
+			list_remove(&j->held, x);
+			p->inited[c->rank] = 0;
+			break;
+		case KV_OP_PULL:
+			list_remove(&p->pulls, x);
+			list_remove(&j->held, x);
+			break;
+		default:
+			if (p->busy && p->head[c->rank] == x)
+				continue; /* completes (to nobody) when its round is done */
+			queue_remove(p, c->rank, x);
+			p->submitted[c->rank] = p->rounds_done + (p->busy ? 1 : 0);
+			break;
+		}
+		complete(e, x, KV_ERR_PEER, p->rounds_done);
+	}
+}
+
+static void overflow_free(struct client *c)
+{
+	while (c->overflow) {
+		struct overflow *o = c->overflow;
+		c->overflow = o->next;
+		free(o);
+	}
+	c->overflow_tail = NULL;
+	c->noverflow = 0;
+}
+
+static void client_release(struct engine *e, struct client *c)
+{
+	struct job *j = c->job;
+
+	overflow_free(c);
+	client_free(e->d, c);
+	if (j)
+		job_maybe_free(e, j);
+}
+
+static void job_maybe_free(struct engine *e, struct job *j)
+{
+	if (!j->gone || j->busy || j->eng_present)
+		return;
+	for (struct client *c = e->clients; c; c = c->next)
+		if (c->job == j)
+			return;
+	heap_purge(e, j);
+	kvd_log("job '%s' ended", j->name);
+	job_free(j);
+}
+
+static void start_held(struct engine *e, struct job *j)
+{
+	struct contrib *x = j->held;
+
+	j->held = NULL;
+	while (x) {
+		struct contrib *next = x->next;
+		x->next = NULL;
+		dispatch(e, x);
+		x = next;
+	}
+}
+
+static void on_join(struct engine *e, struct client *c)
+{
+	struct job *j = c->job;
+
+	c->next = e->clients;
+	e->clients = c;
+	j->eng_ranks[c->rank] = c;
+	j->eng_present++;
+	if (j->eng_present == j->num_workers && !j->complete_once) {
+		j->complete_once = true;
+		start_held(e, j);
+	}
+	/* the new rank's part queues start empty; submitted counts restart at the part's rounds */
+	for (uint32_t id = 0; id < j->nkeys; id++) {
+		struct key *k = job_key(j, id);
+		for (uint32_t pi = 0; pi < k->nparts; pi++) {
+			struct part *p = &k->parts[pi];
+			p->submitted[c->rank] = p->rounds_done + (p->busy ? 1 : 0);
+		}
+	}
+}
+
+static void on_leave(struct engine *e, struct client *c, bool last)
+{
+	struct job *j = c->job;
+
+	for (struct client **pp = &e->clients; *pp; pp = &(*pp)->next) {
+		if (*pp == c) {
+			*pp = c->next;
+			break;
+		}
+	}
+	c->next = NULL;
+	client_drop_pending(e, c);
+	c->left = true;
+	/* a process that takes this rank back may init its keys again */
+	for (uint32_t id = 0; id < j->nkeys; id++) {
+		struct key *k = job_key(j, id);
+		for (uint32_t pi = 0; pi < k->nparts; pi++)
+			k->parts[pi].inited[c->rank] = 0;
+	}
+	j->eng_ranks[c->rank] = NULL;
+	j->eng_present--;
+	if (j->complete_once)
+		job_fail_pending(e, j, c->rank, KV_ERR_PEER);
+	if (last)
+		j->gone = true;
+	if (c->refs == 0)
+		client_release(e, c);
+}
+
+static int drain_events(struct engine *e)
+{
+	struct event *ev;
+	int n = 0;
+
+	pthread_mutex_lock(&e->qlock);
+	ev = e->ev_head;
+	e->ev_head = e->ev_tail = NULL;
+	__atomic_store_n(&e->pending_events, 0, __ATOMIC_RELAXED);
+	pthread_mutex_unlock(&e->qlock);
+	while (ev) {
+		struct event *next = ev->next;
+
+		switch (ev->type) {
+		case EV_JOIN:
+			on_join(e, ev->c);
+			break;
+		case EV_LEAVE:
+			on_leave(e, ev->c, ev->j != NULL);
+			break;
+		case EV_DROP:
+			ev->j->dropped = true;
+			job_fail_pending(e, ev->j, -1, KV_ERR_PEER);
+			fail_list(e, &ev->j->held, KV_ERR_PEER);
+			break;
+		case EV_SHUTDOWN:
+			e->shutting_down = true;
+			for (struct client *c = e->clients; c; c = c->next) {
+				if (c->job->held)
+					fail_list(e, &c->job->held, KV_ERR_DAEMON);
+				job_fail_pending(e, c->job, -1, KV_ERR_DAEMON);
+			}
+			break;
+		}
+		free(ev);
+		ev = next;
+		n++;
+	}
+	return n;
+}
+
+/* ------------------------------------------------------------------ the loop */
+
+static bool engine_has_work(struct engine *e)
+{
+	if (__atomic_load_n(&e->pending_events, __ATOMIC_RELAXED))
+		return true;
+	pthread_mutex_lock(&e->qlock);
+	bool done = e->done != NULL || e->ev_head != NULL;
+	pthread_mutex_unlock(&e->qlock);
+	if (done || e->nheap)
+		return true;
+	for (struct client *c = e->clients; c; c = c->next)
+		if (!c->broken && ring_ready(&c->sq) != 0)
+			return true;
+	return false;
+}
+
+static void engine_sleep(struct engine *e)
+{
+	uint64_t v;
+
+	__atomic_store_n(&e->sleeping, 1, __ATOMIC_RELAXED);
+	for (struct client *c = e->clients; c; c = c->next)
+		ring_set_sleeping(&c->sq, true); /* includes the full fence */
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	if (!engine_has_work(e)) {
+		ssize_t n;
+		do
+			n = read(e->doorbell, &v, sizeof(v));
+		while (n < 0 && errno == EINTR);
+	}
+	__atomic_store_n(&e->sleeping, 0, __ATOMIC_RELAXED);
+	for (struct client *c = e->clients; c; c = c->next)
+		ring_set_sleeping(&c->sq, false);
+}
+
+static void *engine_main(void *arg)
+{
+	struct engine *e = arg;
+	uint64_t last_work = kvd_now_ns();
+	unsigned spins = 0;
+
+	while (!e->exit_now) {
+		int work = drain_events(e);
+
+		work += drain_done(e);
+		for (struct client *c = e->clients; c; c = c->next)
+			work += poll_client(e, c);
+		work += run_ready(e);
+		if (e->shutting_down && e->tasks_out == 0) {
+			/* every round in flight is done; what is left fails */
+			for (struct client *c = e->clients; c; c = c->next)
+				job_fail_pending(e, c->job, -1, KV_ERR_DAEMON);
+			break;
+		}
+		if (work) {
+			spins = 0;
+			last_work = 0;
+			continue;
+		}
+		if ((++spins & 63) == 0 || !last_work) {
+			uint64_t now = kvd_now_ns();
+			if (!last_work)
+				last_work = now;
+			else if (now - last_work > SPIN_NS) {
+				engine_sleep(e);
+				last_work = 0;
+				spins = 0;
+				continue;
+			}
+		}
+		cpu_relax();
+	}
+	return NULL;
+}
+
+/* ------------------------------------------------------------------ api */
+
+void engine_post(struct kvd *d, enum ev_type t, struct client *c, struct job *j)
+{
+	struct engine *e = d->eng;
+	struct event *ev = calloc(1, sizeof(*ev));
+	uint64_t one = 1;
+
+	if (!ev) {
+		kvd_log("out of memory posting an event; aborting");
+		abort();
+	}
+	ev->type = t;
+	ev->c = c;
+	ev->j = j;
+	pthread_mutex_lock(&e->qlock);
+	if (e->ev_tail)
+		e->ev_tail->next = ev;
+	else
+		e->ev_head = ev;
+	e->ev_tail = ev;
+	__atomic_store_n(&e->pending_events, 1, __ATOMIC_RELAXED);
+	pthread_mutex_unlock(&e->qlock);
+	(void)!write(e->doorbell, &one, sizeof(one));
+}
+
+void engine_free_all(struct kvd *d)
+{
+	struct engine *e = d->eng;
+
+	while (e->clients) {
+		struct client *c = e->clients;
+		struct job *j = c->job;
+
+		e->clients = c->next;
+		while (c->pending) {
+			struct contrib *x = c->pending;
+			contrib_unlink(x);
+			free(x);
+		}
+		overflow_free(c);
+		client_free(d, c);
+		if (--j->eng_present == 0)
+			job_free(j);
+	}
+	free(e->heap);
+	close(e->doorbell);
+	free(e->workers);
+	free(e);
+	d->eng = NULL;
+}
+
+int engine_doorbell(struct kvd *d)
+{
+	return d->eng->doorbell;
+}
+
+int engine_start(struct kvd *d)
+{
+	struct engine *e = calloc(1, sizeof(*e));
+	int err;
+
+	if (!e)
+		return -ENOMEM;
+	e->d = d;
+	e->doorbell = eventfd(0, EFD_CLOEXEC);
+	if (e->doorbell < 0) {
+		err = -errno;
+		free(e);
+		return err;
+	}
+	pthread_mutex_init(&e->qlock, NULL);
+	pthread_mutex_init(&e->plock, NULL);
+	pthread_cond_init(&e->pcond, NULL);
+	d->eng = e;
+	e->nworkers = d->cfg.threads;
+	e->workers = calloc((size_t)(e->nworkers ? e->nworkers : 1), sizeof(pthread_t));
+	for (int i = 0; i < e->nworkers; i++) {
+		err = pthread_create(&e->workers[i], NULL, worker_main, e);
+		if (err) {
+			e->nworkers = i;
+			return -err;
+		}
+	}
+	err = pthread_create(&e->thread, NULL, engine_main, e);
+	return -err;
+}
+
+void engine_stop(struct kvd *d)
+{
+	struct engine *e = d->eng;
+
+	pthread_join(e->thread, NULL);
+	pthread_mutex_lock(&e->plock);
+	e->stop_workers = true;
+	pthread_cond_broadcast(&e->pcond);
+	pthread_mutex_unlock(&e->plock);
+	for (int i = 0; i < e->nworkers; i++)
+		pthread_join(e->workers[i], NULL);
+}

@@ -1,0 +1,341 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * job.c - jobs, their keys, and the bytes they hold.
+ *
+ * A job is named by its creator and belongs to the creator's uid.  Its keys
+ * are found by name in a private hash map (control thread only) and by id in
+ * a two-level directory that the engine reads without locks: a key is fully
+ * built before its pointer is stored and nkeys is store-released.  Key values
+ * live in sealed memfd segments allocated through an arena, so they can be
+ * counted against the job's limit like every other shared byte.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kvd.h"
+#include "../shm/seg.h"
+
+#define VALUE_SEG_MIN (8u << 20)
+
+struct keymap {
+	uint32_t *slots; /* key id + 1; 0 empty */
+	uint32_t cap, n;
+};
+
+static uint64_t name_hash(const char *s, size_t n)
+{
+	uint64_t h = 0xcbf29ce484222325ull;
+	for (size_t i = 0; i < n; i++) {
+		h ^= (uint8_t)s[i];
+		h *= 0x100000001b3ull;
+	}
+	return h;
+}
+
+static struct key *keymap_find(struct job *j, const char *name, size_t len)
+{
+	struct keymap *m = j->names;
+
+	if (!m->cap)
+		return NULL;
+	for (uint32_t i = (uint32_t)name_hash(name, len) & (m->cap - 1);;
+	     i = (i + 1) & (m->cap - 1)) {
+		struct key *k;
+
+		if (!m->slots[i])
+			return NULL;
+		k = j->dir[(m->slots[i] - 1) / KEY_BLOCK][(m->slots[i] - 1) % KEY_BLOCK];
+		if (k->name_len == len && memcmp(k->name, name, len) == 0)
+			return k;
+	}
+}
+
+static int keymap_put(struct job *j, struct key *k)
+{
+	struct keymap *m = j->names;
+
+	if ((m->n + 1) * 2 > m->cap) {
+		uint32_t cap = m->cap ? m->cap * 2 : 64, *s = calloc(cap, sizeof(*s));
+
+		if (!s)
+			return -ENOMEM;
+		for (uint32_t i = 0; i < m->cap; i++) {
+			if (!m->slots[i])
+				continue;
+			struct key *o = j->dir[(m->slots[i] - 1) / KEY_BLOCK]
+					      [(m->slots[i] - 1) % KEY_BLOCK];
+			uint32_t h = (uint32_t)name_hash(o->name, o->name_len) & (cap - 1);
+			while (s[h])
+				h = (h + 1) & (cap - 1);
+			s[h] = m->slots[i];
+		}
+		free(m->slots);
+		m->slots = s;
+		m->cap = cap;
+	}
+	uint32_t h = (uint32_t)name_hash(k->name, k->name_len) & (m->cap - 1);
+	while (m->slots[h])
+		h = (h + 1) & (m->cap - 1);
+	m->slots[h] = k->id + 1;
+	m->n++;
+	return 0;
+}
+
+int job_charge(struct kvd *d, struct job *j, uint64_t bytes, char *why, size_t whylen)
+{
+	uint64_t now = __atomic_load_n(&j->bytes, __ATOMIC_RELAXED);
+
+	if (d->cfg.max_job_bytes && now + bytes > d->cfg.max_job_bytes) {
+		snprintf(why, whylen,
+			 "job '%s' would hold %llu bytes of shared memory, over its limit of "
+			 "%llu (--max-job-bytes)",
+			 j->name, (unsigned long long)(now + bytes),
+			 (unsigned long long)d->cfg.max_job_bytes);
+		return KV_ERR_NOMEM;
+	}
+	__atomic_add_fetch(&j->bytes, bytes, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&d->shared_bytes, bytes, __ATOMIC_RELAXED);
+	return 0;
+}
+
+void job_uncharge(struct kvd *d, struct job *j, uint64_t bytes)
+{
+	__atomic_sub_fetch(&j->bytes, bytes, __ATOMIC_RELAXED);
+	__atomic_sub_fetch(&d->shared_bytes, bytes, __ATOMIC_RELAXED);
+}
+
+struct grow_ctx {
+	struct kvd *d;
+	struct job *j;
+	char *why;
+	size_t whylen;
+};
+
+/* arena callback: a new value segment for the job */
+static int value_grow(void *ctx, size_t min, struct arena_seg *s)
+{
+	struct grow_ctx *g = ctx;
+	struct job *j = g->j;
+	uint64_t size = min < VALUE_SEG_MIN ? VALUE_SEG_MIN : (min + 4095) & ~(uint64_t)4095;
+	void *base;
+	int fd, err;
+
+	if (j->nvalue_segs == j->cap_value_segs) {
+		uint32_t cap = j->cap_value_segs ? j->cap_value_segs * 2 : 8;
+		struct seginfo *n = realloc(j->value_segs, cap * sizeof(*n));
+		if (!n)
+			return ENOMEM;
+		j->value_segs = n;
+		j->cap_value_segs = cap;
+	}
+	if (job_charge(g->d, j, size, g->why, g->whylen))
+		return ENOMEM;
+	fd = seg_create("kvd-values", size);
+	if (fd < 0) {
+		snprintf(g->why, g->whylen, "cannot create a %llu-byte segment for key values: %s",
+			 (unsigned long long)size, strerror(-fd));
+		job_uncharge(g->d, j, size);
+		return ENOMEM;
+	}
+	err = seg_map(fd, size, 0, &base);
+	if (err) {
+		snprintf(g->why, g->whylen, "cannot map a value segment: %s", strerror(-err));
+		close(fd);
+		job_uncharge(g->d, j, size);
+		return ENOMEM;
+	}
+	j->value_segs[j->nvalue_segs] = (struct seginfo){ fd, base, size };
+	s->id = j->nvalue_segs++;
+	s->base = base;
+	s->size = size;
+	return 0;
+}
+
+struct job *job_find(struct kvd *d, const char *name)
+{
+	for (struct job *j = d->jobs; j; j = j->next)
+		if (strcmp(j->name, name) == 0)
+			return j;
+	return NULL;
+}
+
+struct job *job_create(struct kvd *d, const char *name, uid_t uid, int num_workers)
+{
+	struct job *j = calloc(1, sizeof(*j));
+
+	if (!j)
+		return NULL;
+	j->names = calloc(1, sizeof(*j->names));
+	j->ranks = calloc((size_t)num_workers, sizeof(*j->ranks));
+	j->eng_ranks = calloc((size_t)num_workers, sizeof(*j->eng_ranks));
+	if (!j->names || !j->ranks || !j->eng_ranks) {
+		free(j->names);
+		free(j->ranks);
+		free(j->eng_ranks);
+		free(j);
+		return NULL;
+	}
+	snprintf(j->name, sizeof(j->name), "%s", name);
+	j->uid = uid;
+	j->num_workers = num_workers;
+	j->created = kvd_now();
+	arena_init(&j->values, value_grow, NULL);
+	return j;
+}
+
+static void key_free(struct key *k, int num_workers)
+{
+	if (!k)
+		return;
+	for (uint32_t p = 0; p < k->nparts; p++) {
+		free(k->parts[p].head);
+		free(k->parts[p].tail);
+		free(k->parts[p].submitted);
+		free(k->parts[p].inited);
+	}
+	free(k->parts);
+	free(k->name);
+	free(k);
+}
+
+void job_free(struct job *j)
+{
+	for (uint32_t i = 0; i < j->nkeys; i++)
+		key_free(j->dir[i / KEY_BLOCK][i % KEY_BLOCK], j->num_workers);
+	for (uint32_t b = 0; b < KEY_DIR && j->dir[b]; b++)
+		free(j->dir[b]);
+	for (uint32_t i = 0; i < j->nvalue_segs; i++) {
+		seg_unmap(j->value_segs[i].base, j->value_segs[i].size);
+		close(j->value_segs[i].fd);
+	}
+	free(j->value_segs);
+	arena_fini(&j->values);
+	if (j->names)
+		free(j->names->slots);
+	free(j->names);
+	free(j->ranks);
+	free(j->eng_ranks);
+	free(j);
+}
+
+static const char *dtype_name(kv_dtype t)
+{
+	static const char *const names[] = { "float32", "float64", "float16",
+					     "bfloat16", "int32", "int64" };
+	return (unsigned)t < 6 ? names[t] : "?";
+}
+
+static struct key *key_alloc(struct job *j, const struct kv_msg *m, uint32_t part_bytes)
+{
+	struct key *k = calloc(1, sizeof(*k));
+	int n = j->num_workers;
+
+	if (!k)
+		return NULL;
+	k->name = malloc(m->u.key_open.name_len + 1u);
+	if (!k->name)
+		goto out_free;
+	memcpy(k->name, m->u.key_open.name, m->u.key_open.name_len);
+	k->name[m->u.key_open.name_len] = '\0';
+	k->name_len = m->u.key_open.name_len;
+	k->count = m->u.key_open.count;
+	k->dtype = (kv_dtype)m->u.key_open.dtype;
+	k->esize = (uint32_t)kv_dtype_size(k->dtype);
+	k->part_elems = part_bytes / k->esize;
+	k->nparts = (uint32_t)((k->count + k->part_elems - 1) / k->part_elems);
+	k->parts = calloc(k->nparts, sizeof(*k->parts));
+	if (!k->parts)
+		goto out_free;
+	for (uint32_t p = 0; p < k->nparts; p++) {
+		struct part *pt = &k->parts[p];
+		pt->head = calloc((size_t)n, sizeof(*pt->head));
+		pt->tail = calloc((size_t)n, sizeof(*pt->tail));
+		pt->submitted = calloc((size_t)n, sizeof(*pt->submitted));
+		pt->inited = calloc((size_t)n, 1);
+		if (!pt->head || !pt->tail || !pt->submitted || !pt->inited)
+			goto out_free;
+	}
+	return k;
+
+out_free:
+	key_free(k, n);
+	return NULL;
+}
+
+int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, struct key **out,
+		 bool *created, char *why, size_t whylen)
+{
+	const char *name = m->u.key_open.name;
+	uint32_t len = m->u.key_open.name_len;
+	struct key *k = keymap_find(j, name, len);
+	struct grow_ctx g = { d, j, why, whylen };
+	uint64_t bytes;
+
+	*created = false;
+	if (k) {
+		if (k->count != m->u.key_open.count || k->dtype != m->u.key_open.dtype) {
+			snprintf(why, whylen,
+				 "key '%s' holds %llu %s elements; this call has %llu %s",
+				 k->name, (unsigned long long)k->count, dtype_name(k->dtype),
+				 (unsigned long long)m->u.key_open.count,
+				 dtype_name((kv_dtype)m->u.key_open.dtype));
+			return KV_ERR_MISMATCH;
+		}
+		if (m->u.key_open.mode == KV_KEY_FIND &&
+		    !__atomic_load_n(&k->has_value, __ATOMIC_ACQUIRE)) {
+			snprintf(why, whylen, "key '%s' has not been initialised yet", k->name);
+			return KV_ERR_NOKEY;
+		}
+		*out = k;
+		return 0;
+	}
+	if (m->u.key_open.mode == KV_KEY_FIND) {
+		snprintf(why, whylen, "key '%.*s' was never initialised", (int)len, name);
+		return KV_ERR_NOKEY;
+	}
+	if (j->nkeys >= d->cfg.max_keys || j->nkeys >= KEY_DIR * KEY_BLOCK) {
+		snprintf(why, whylen, "job '%s' already has %u keys, its limit (--max-keys)",
+			 j->name, j->nkeys);
+		return KV_ERR_NOMEM;
+	}
+	bytes = m->u.key_open.count * kv_dtype_size((kv_dtype)m->u.key_open.dtype);
+	k = key_alloc(j, m, d->cfg.part_bytes);
+	if (!k) {
+		snprintf(why, whylen, "out of memory creating key '%.*s'", (int)len, name);
+		return KV_ERR_NOMEM;
+	}
+	why[0] = '\0';
+	j->values.ctx = &g;
+	k->value = arena_alloc(&j->values, bytes);
+	j->values.ctx = NULL;
+	if (!k->value) {
+		if (!why[0])
+			snprintf(why, whylen, "no room for the %llu bytes of key '%s'",
+				 (unsigned long long)bytes, k->name);
+		key_free(k, j->num_workers);
+		return KV_ERR_NOMEM;
+	}
+	k->id = j->nkeys;
+	if (!j->dir[k->id / KEY_BLOCK]) {
+		j->dir[k->id / KEY_BLOCK] = calloc(KEY_BLOCK, sizeof(struct key *));
+		if (!j->dir[k->id / KEY_BLOCK])
+			goto out_nomem;
+	}
+	if (keymap_put(j, k))
+		goto out_nomem;
+	j->dir[k->id / KEY_BLOCK][k->id % KEY_BLOCK] = k;
+	/* publishes the key built above to the engine; pairs with job_key() */
+	__atomic_store_n(&j->nkeys, k->id + 1, __ATOMIC_RELEASE);
+	*created = true;
+	*out = k;
+	return 0;
+
+out_nomem:
+	arena_free(&j->values, k->value);
+	key_free(k, j->num_workers);
+	snprintf(why, whylen, "out of memory creating key '%.*s'", (int)len, name);
+	return KV_ERR_NOMEM;
+}

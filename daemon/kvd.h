@@ -1,0 +1,227 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * kvd.h - the daemon's objects and which thread owns each field.
+ *
+ * Two kinds of threads share these objects:
+ *  - the control thread (ctl.c): the socket, hellos, keys, segments, status;
+ *  - the engine thread (engine.c): the rings, rounds and completions, with a
+ *    pool of reduce workers that only do arithmetic on tasks handed to them.
+ * The control thread creates clients, jobs and keys and publishes them with
+ * release stores; the engine reads them with acquire loads.  Membership
+ * changes travel from control to engine as events (JOIN, LEAVE, DROP) on a
+ * queue, in order.  Only the engine frees clients and jobs, and hands a
+ * client back to the control thread (to close its socket) when it is done.
+ * Fields are marked [ctl] (control thread; under kvd.lock where noted),
+ * [eng] (engine thread), [const] (set before publication, then read-only),
+ * or [atomic].
+ */
+#ifndef KVD_H
+#define KVD_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "kv.h"
+#include "../shm/arena.h"
+#include "../shm/layout.h"
+#include "../shm/msg.h"
+#include "../shm/ring.h"
+
+#define KVD_DEFAULT_SOCKET "/run/kvd/kvd.sock"
+#define KEY_BLOCK 1024u /* key pointers per directory block */
+#define KEY_DIR 4096u   /* directory blocks: up to 4M keys */
+#define LAT_BUCKETS 24  /* op latency histogram: 1us .. 2^22us, then +Inf */
+
+struct kvd_config {
+	const char *socket_path;
+	int threads;            /* reduce workers */
+	uint64_t max_job_bytes; /* 0: no limit */
+	uint64_t max_uid_bytes;
+	uint32_t max_keys;  /* per job */
+	uint32_t max_ranks; /* per job */
+	uint32_t max_clients;
+	uint32_t part_bytes;   /* rounds are split into parts of this size */
+	uint32_t inline_bytes; /* parts up to this size are summed by the engine itself */
+	uint32_t sq_entries, cq_entries;
+	uint32_t max_segs; /* arena segments per client */
+	long allow_gid;    /* a group whose members may join others' jobs; -1: none */
+	int listen_fd;     /* from socket activation, or -1 */
+};
+
+struct seginfo {
+	int fd;
+	uint8_t *base;
+	uint64_t size;
+};
+
+struct client {
+	uint32_t id;       /* [const] */
+	pid_t pid;         /* [const] from SO_PEERCRED */
+	uid_t uid;         /* [const] */
+	struct job *job;   /* [const] once joined */
+	int rank;          /* [const] once joined */
+	struct conn *conn; /* [ctl] */
+
+	int ring_fd; /* [const] the ring segment */
+	uint8_t *ring_mem;
+	uint64_t ring_size;
+	uint32_t sq_entries, cq_entries;
+
+	/* arena segments: [ctl] fills segs[n], then store-release nsegs; [eng] load-acquire */
+	struct seginfo *segs;
+	uint32_t max_segs;
+	uint32_t nsegs;
+
+	/* [eng] */
+	struct ring sq, cq;
+	uint32_t inflight; /* contributions taken from the SQ and not yet completed */
+	struct overflow *overflow, *overflow_tail; /* completions waiting for CQ room */
+	uint32_t noverflow;
+	struct contrib *pending; /* every live contribution of this client (for CANCEL) */
+	int refs;           /* tasks on workers that read or write this client's memory */
+	bool left;          /* LEAVE processed */
+	bool broken;        /* ring corrupt: no longer served */
+	struct client *next; /* engine's list of served clients */
+	uint32_t evict;     /* [atomic] engine asks control to disconnect it */
+	char evict_why[96]; /* [eng] written before evict is set */
+};
+
+struct part {
+	uint64_t rounds_done;     /* [eng] */
+	struct contrib **head;    /* [eng] per rank FIFO of round contributions */
+	struct contrib **tail;
+	uint64_t *submitted; /* [eng] per rank: rounds this rank has contributed to */
+	uint8_t *inited;     /* [eng] per rank: init seen */
+	uint32_t nready;     /* [eng] ranks with a non-empty queue */
+	bool busy;           /* [eng] a round is on a worker */
+	bool queued;         /* [eng] in the ready heap */
+	bool has_value;      /* [eng] */
+	struct contrib *pulls;        /* [eng] pulls waiting for rounds */
+	struct contrib *init_waiters; /* [eng] inits waiting for rank 0 */
+	double stall_since;           /* [eng] monotonic seconds of the oldest waiting head */
+};
+
+struct key {
+	uint32_t id;       /* [const] */
+	uint32_t name_len; /* [const] */
+	char *name;        /* [const] NUL-terminated copy */
+	uint64_t count;    /* [const] */
+	kv_dtype dtype;    /* [const] */
+	uint32_t esize, nparts, part_elems; /* [const] */
+	uint8_t *value;      /* [const] pointer; bytes written by the engine and workers */
+	uint32_t has_value;  /* [atomic] every part holds a value */
+	uint32_t parts_valued; /* [eng] */
+	struct part *parts;  /* [const] pointer; contents [eng] */
+};
+
+struct job {
+	char name[KV_JOB_MAX + 1]; /* [const] */
+	uid_t uid;                 /* [const] */
+	int num_workers;           /* [const] */
+	double created;            /* [const] */
+	struct job *next;          /* [ctl, kvd.lock] list of live jobs */
+
+	/* membership as the control thread sees it [ctl, kvd.lock] */
+	struct client **ranks;
+	int present;
+	bool detached; /* removed from the list (last rank left, or dropped) */
+
+	/* keys: [ctl] creates, publishes dir[] blocks and nkeys with release */
+	struct key **dir[KEY_DIR];
+	uint32_t nkeys;
+	struct keymap *names; /* [ctl] name -> id */
+	struct arena values;  /* [ctl] allocates; freed with the job */
+	struct seginfo *value_segs;
+	uint32_t nvalue_segs, cap_value_segs;
+	uint64_t bytes; /* [atomic] shared bytes held by the job (values and its clients) */
+
+	/* [eng] */
+	struct client **eng_ranks;
+	int eng_present;
+	bool complete_once;  /* every rank has been present at once */
+	bool dropped;
+	bool gone;           /* the last rank left: free once busy == 0 */
+	int busy;            /* tasks on workers */
+	struct contrib *held; /* init/pull ops held until the job is first complete */
+
+	/* statistics [atomic]: written by the engine, read by the control thread */
+	uint64_t rounds, bytes_reduced, ops, inflight, peak_inflight;
+	uint64_t lat_count, lat_sum_ns;
+	uint64_t lat[LAT_BUCKETS + 1];
+};
+
+struct contrib {
+	struct contrib *next;          /* part queue, held list, pulls or init waiters */
+	struct contrib *cnext, *cprev; /* the client's pending list */
+	struct client *c;
+	struct key *key;
+	struct kv_sqe sqe; /* validated private copy */
+	uint8_t *in, *out;
+	uint64_t target; /* pull: rounds that must be done first */
+	uint64_t t0_ns;  /* when the engine took it */
+};
+
+struct task; /* engine.c */
+struct engine;
+struct ctl;
+
+struct kvd {
+	struct kvd_config cfg;
+	double start; /* monotonic seconds */
+	pthread_mutex_t lock; /* job list and membership */
+	struct job *jobs;
+	uint32_t next_client_id;
+	uint32_t nclients; /* [atomic] */
+	uint64_t shared_bytes; /* [atomic] */
+	uint64_t uid_bytes_dummy;
+	struct engine *eng;
+	struct ctl *ctl;
+	int gpus;
+};
+
+/* log.c */
+void kvd_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+double kvd_now(void); /* monotonic seconds */
+uint64_t kvd_now_ns(void);
+
+/* job.c - jobs, keys and accounting (control thread unless noted) */
+struct job *job_find(struct kvd *d, const char *name); /* under kvd.lock */
+struct job *job_create(struct kvd *d, const char *name, uid_t uid, int num_workers);
+void job_free(struct job *j); /* engine, when gone and idle */
+static inline struct key *job_key(struct job *j, uint32_t id)
+{
+	uint32_t n = __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE); /* pairs with job_key_create */
+	if (id >= n)
+		return NULL;
+	return j->dir[id / KEY_BLOCK][id % KEY_BLOCK];
+}
+/* Find or create; returns 0 or a KV_ERR_* with why filled. */
+int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, struct key **out,
+		 bool *created, char *why, size_t whylen);
+int job_charge(struct kvd *d, struct job *j, uint64_t bytes, char *why, size_t whylen);
+void job_uncharge(struct kvd *d, struct job *j, uint64_t bytes);
+
+/* client.c */
+struct client *client_create(struct kvd *d, uid_t uid, pid_t pid, char *why, size_t whylen);
+int client_add_seg(struct kvd *d, struct client *c, uint64_t bytes, uint32_t *id,
+		   char *why, size_t whylen);
+void client_free(struct kvd *d, struct client *c);
+
+/* engine.c */
+enum ev_type { EV_JOIN, EV_LEAVE, EV_DROP, EV_SHUTDOWN };
+int engine_start(struct kvd *d);
+void engine_post(struct kvd *d, enum ev_type t, struct client *c, struct job *j);
+void engine_stop(struct kvd *d); /* after EV_SHUTDOWN: joins the threads */
+void engine_free_all(struct kvd *d); /* after engine_stop: frees clients and jobs */
+int engine_doorbell(struct kvd *d);
+
+/* ctl.c */
+int ctl_run(struct kvd *d); /* the control loop; returns at shutdown */
+void ctl_evict(struct kvd *d, struct client *c);    /* engine: disconnect c */
+
+/* stats.c */
+char *stats_render(struct kvd *d, uint32_t what, uid_t viewer, size_t *len);
+
+#endif /* KVD_H */

@@ -1,0 +1,366 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * main.c - kvd: command line, configuration, the listening socket, and the
+ * start and stop of the engine and the control loop.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "kvd.h"
+
+static const char usage[] =
+	"Usage: kvd [OPTION]...\n"
+	"Run the kvd gradient aggregation daemon in the foreground.\n"
+	"\n"
+	"  -s, --socket PATH        listen on PATH (default " KVD_DEFAULT_SOCKET ")\n"
+	"  -c, --config FILE        read options from FILE: one 'option = value' per line,\n"
+	"                           named as the long options below; '#' starts a comment\n"
+	"  -t, --threads N          reduce worker threads (default: online CPUs)\n"
+	"      --max-job-bytes SIZE shared memory one job may hold (K, M, G suffixes;\n"
+	"                           default 0: no limit)\n"
+	"      --max-keys N         keys per job (default 1048576)\n"
+	"      --max-ranks N        ranks per job (default 1024)\n"
+	"      --max-clients N      connected ranks in all (default 4096)\n"
+	"      --part-size SIZE     rounds are split into parts of SIZE bytes (default 1M)\n"
+	"      --inline-size SIZE   parts up to SIZE are summed on the engine thread\n"
+	"                           (default 64K)\n"
+	"      --allow-group GID    members of GID may join other users' jobs\n"
+	"  -h, --help               show this help and exit\n"
+	"  -V, --version            show the version and exit\n"
+	"\n"
+	"Exit status: 0 after a clean stop (SIGTERM, SIGINT), 1 on a start-up error,\n"
+	"2 on a bad command line.\n";
+
+enum {
+	OPT_MAX_JOB_BYTES = 256,
+	OPT_MAX_KEYS,
+	OPT_MAX_RANKS,
+	OPT_MAX_CLIENTS,
+	OPT_PART_SIZE,
+	OPT_INLINE_SIZE,
+	OPT_ALLOW_GROUP,
+};
+
+static const struct option long_opts[] = {
+	{ "socket", required_argument, NULL, 's' },
+	{ "config", required_argument, NULL, 'c' },
+	{ "threads", required_argument, NULL, 't' },
+	{ "max-job-bytes", required_argument, NULL, OPT_MAX_JOB_BYTES },
+	{ "max-keys", required_argument, NULL, OPT_MAX_KEYS },
+	{ "max-ranks", required_argument, NULL, OPT_MAX_RANKS },
+	{ "max-clients", required_argument, NULL, OPT_MAX_CLIENTS },
+	{ "part-size", required_argument, NULL, OPT_PART_SIZE },
+	{ "inline-size", required_argument, NULL, OPT_INLINE_SIZE },
+	{ "allow-group", required_argument, NULL, OPT_ALLOW_GROUP },
+	{ "help", no_argument, NULL, 'h' },
+	{ "version", no_argument, NULL, 'V' },
+	{ NULL, 0, NULL, 0 },
+};
+
+static char *socket_path_buf;
+
+static int parse_size(const char *s, uint64_t *out)
+{
+	char *end;
+	unsigned long long v;
+	uint64_t mul = 1;
+
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno || end == s || *s == '-')
+		return -1;
+	switch (*end) {
+	case 'k': case 'K': mul = 1ull << 10; end++; break;
+	case 'm': case 'M': mul = 1ull << 20; end++; break;
+	case 'g': case 'G': mul = 1ull << 30; end++; break;
+	case 't': case 'T': mul = 1ull << 40; end++; break;
+	default: break;
+	}
+	if (*end == 'i' || *end == 'B')
+		end += *end == 'i' && end[1] == 'B' ? 2 : 1;
+	if (*end || (v && mul > UINT64_MAX / v))
+		return -1;
+	*out = v * mul;
+	return 0;
+}
+
+static int parse_uint(const char *s, uint64_t max, uint64_t *out)
+{
+	char *end;
+	unsigned long long v;
+
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno || end == s || *end || *s == '-' || v > max)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+static int apply(struct kvd_config *c, int opt, const char *arg, const char *name)
+{
+	uint64_t v;
+
+	switch (opt) {
+	case 's':
+		free(socket_path_buf);
+		socket_path_buf = strdup(arg);
+		c->socket_path = socket_path_buf;
+		if (strlen(arg) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
+			fprintf(stderr, "kvd: socket path too long: %s\n", arg);
+			return -1;
+		}
+		return 0;
+	case 't':
+		if (parse_uint(arg, 256, &v))
+			goto bad;
+		c->threads = (int)v;
+		return 0;
+	case OPT_MAX_JOB_BYTES:
+		if (parse_size(arg, &v))
+			goto bad;
+		c->max_job_bytes = v;
+		return 0;
+	case OPT_MAX_KEYS:
+		if (parse_uint(arg, KEY_DIR * KEY_BLOCK, &v) || v == 0)
+			goto bad;
+		c->max_keys = (uint32_t)v;
+		return 0;
+	case OPT_MAX_RANKS:
+		if (parse_uint(arg, KV_MAX_RANKS, &v) || v == 0)
+			goto bad;
+		c->max_ranks = (uint32_t)v;
+		return 0;
+	case OPT_MAX_CLIENTS:
+		if (parse_uint(arg, 1u << 20, &v) || v == 0)
+			goto bad;
+		c->max_clients = (uint32_t)v;
+		return 0;
+	case OPT_PART_SIZE:
+		if (parse_size(arg, &v) || v < 4096 || v > (256u << 20) || v % 64)
+			goto bad;
+		c->part_bytes = (uint32_t)v;
+		return 0;
+	case OPT_INLINE_SIZE:
+		if (parse_size(arg, &v) || v > (256u << 20))
+			goto bad;
+		c->inline_bytes = (uint32_t)v;
+		return 0;
+	case OPT_ALLOW_GROUP:
+		if (parse_uint(arg, UINT32_MAX - 1, &v))
+			goto bad;
+		c->allow_gid = (long)v;
+		return 0;
+	}
+	return -1;
+bad:
+	fprintf(stderr, "kvd: invalid value for --%s: '%s'\n", name, arg);
+	return -1;
+}
+
+static int read_config(struct kvd_config *c, const char *path)
+{
+	FILE *f = fopen(path, "r");
+	char line[1024];
+	int lineno = 0;
+
+	if (!f) {
+		fprintf(stderr, "kvd: cannot read %s: %s\n", path, strerror(errno));
+		return -1;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		char *p = line, *eq, *name, *val, *e;
+		const struct option *o;
+
+		lineno++;
+		if ((e = strchr(p, '#')))
+			*e = '\0';
+		while (*p == ' ' || *p == '\t')
+			p++;
+		for (e = p + strlen(p); e > p && (e[-1] == '\n' || e[-1] == ' ' || e[-1] == '\t');)
+			*--e = '\0';
+		if (!*p)
+			continue;
+		eq = strchr(p, '=');
+		if (!eq) {
+			fprintf(stderr, "kvd: %s:%d: expected 'option = value'\n", path, lineno);
+			goto out_bad;
+		}
+		*eq = '\0';
+		name = p;
+		for (e = eq; e > name && (e[-1] == ' ' || e[-1] == '\t');)
+			*--e = '\0';
+		val = eq + 1;
+		while (*val == ' ' || *val == '\t')
+			val++;
+		for (o = long_opts; o->name; o++)
+			if (strcmp(o->name, name) == 0 && o->has_arg == required_argument &&
+			    o->val != 'c')
+				break;
+		if (!o->name) {
+			fprintf(stderr, "kvd: %s:%d: unknown option '%s'\n", path, lineno, name);
+			goto out_bad;
+		}
+		if (apply(c, o->val, val, o->name))
+			goto out_bad;
+	}
+	fclose(f);
+	return 0;
+out_bad:
+	fclose(f);
+	return -1;
+}
+
+/* mkdir -p of the directory part of path */
+static int make_parent(const char *path)
+{
+	char buf[PATH_MAX];
+	char *slash;
+
+	snprintf(buf, sizeof(buf), "%s", path);
+	slash = strrchr(buf, '/');
+	if (!slash || slash == buf)
+		return 0;
+	*slash = '\0';
+	for (char *p = buf + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = '\0';
+		if (mkdir(buf, 0755) < 0 && errno != EEXIST)
+			return -1;
+		*p = '/';
+	}
+	if (mkdir(buf, 0755) < 0 && errno != EEXIST)
+		return -1;
+	return 0;
+}
+
+static int listen_on(const char *path)
+{
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
+	int fd, probe;
+
+	snprintf(a.sun_path, sizeof(a.sun_path), "%s", path);
+	if (make_parent(path) < 0) {
+		fprintf(stderr, "kvd: cannot create the directory of %s: %s\n", path,
+			strerror(errno));
+		return -1;
+	}
+	/* another kvd answering there? then refuse; a dead socket file is removed */
+	probe = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	if (probe >= 0 && connect(probe, (struct sockaddr *)&a, sizeof(a)) == 0) {
+		close(probe);
+		fprintf(stderr, "kvd: another kvd already answers on %s\n", path);
+		return -1;
+	}
+	if (probe >= 0)
+		close(probe);
+	if (unlink(path) < 0 && errno != ENOENT) {
+		fprintf(stderr, "kvd: cannot remove the stale socket %s: %s\n", path,
+			strerror(errno));
+		return -1;
+	}
+	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ||
+	    chmod(path, 0666) < 0 || listen(fd, 512) < 0) {
+		fprintf(stderr, "kvd: cannot listen on %s: %s\n", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+int main(int argc, char **argv)
+{
+	static struct kvd d;
+	struct kvd_config *c = &d.cfg;
+	sigset_t mask;
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+	int opt, err;
+
+	c->socket_path = KVD_DEFAULT_SOCKET;
+	c->threads = ncpu > 0 ? (int)ncpu : 1;
+	c->max_keys = 1u << 20;
+	c->max_ranks = KV_MAX_RANKS;
+	c->max_clients = 4096;
+	c->part_bytes = 1u << 20;
+	c->inline_bytes = 64u << 10;
+	c->sq_entries = 256;
+	c->cq_entries = 512;
+	c->max_segs = 256;
+	c->allow_gid = -1;
+	c->listen_fd = -1;
+
+	/* the config file first, so the command line overrides it */
+	for (int i = 1; i < argc; i++) {
+		const char *path = NULL;
+		if ((!strcmp(argv[i], "-c") || !strcmp(argv[i], "--config")) && i + 1 < argc)
+			path = argv[i + 1];
+		else if (!strncmp(argv[i], "--config=", 9))
+			path = argv[i] + 9;
+		if (path && read_config(c, path))
+			return 2;
+	}
+	while ((opt = getopt_long(argc, argv, "s:c:t:hV", long_opts, NULL)) != -1) {
+		const char *name = "?";
+		for (const struct option *o = long_opts; o->name; o++)
+			if (o->val == opt)
+				name = o->name;
+		switch (opt) {
+		case 'h':
+			fputs(usage, stdout);
+			return 0;
+		case 'V':
+			printf("kvd %s\n", KV_VERSION);
+			return 0;
+		case 'c':
+			break;
+		case '?':
+			fprintf(stderr, "Try 'kvd --help'.\n");
+			return 2;
+		default:
+			if (apply(c, opt, optarg, name))
+				return 2;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "kvd: unexpected argument '%s'\nTry 'kvd --help'.\n", argv[optind]);
+		return 2;
+	}
+
+	signal(SIGPIPE, SIG_IGN);
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGTERM);
+	sigaddset(&mask, SIGINT);
+	pthread_sigmask(SIG_BLOCK, &mask, NULL); /* threads inherit it; the signalfd reads them */
+
+	c->listen_fd = listen_on(c->socket_path);
+	if (c->listen_fd < 0)
+		return 1;
+	pthread_mutex_init(&d.lock, NULL);
+	d.start = kvd_now();
+	err = engine_start(&d);
+	if (err) {
+		fprintf(stderr, "kvd: cannot start the engine: %s\n", strerror(-err));
+		unlink(c->socket_path);
+		return 1;
+	}
+	kvd_log("kvd %s listening on %s (%d reduce threads, parts of %u bytes)", KV_VERSION,
+		c->socket_path, c->threads, c->part_bytes);
+	err = ctl_run(&d);
+	unlink(c->socket_path);
+	close(c->listen_fd);
+	kvd_log("stopped");
+	free(socket_path_buf);
+	return err ? 1 : 0;
+}

@@ -1,0 +1,289 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * stats.c - the daemon's status as text, JSON and Prometheus metrics.
+ *
+ * Served over the control socket (kvctl asks, kvd answers) rather than from
+ * a shared stats page: the numbers come from counters the engine bumps with
+ * relaxed atomics, so rendering takes no lock that the data path takes, and
+ * the socket already tells kvd who is asking (SO_PEERCRED), which decides
+ * what they may see: root sees every job, anyone else only their own.
+ * Membership (ranks and pids) is read under kvd.lock, which the engine never
+ * takes.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvd.h"
+#ifdef KV_HAVE_JEMALLOC
+#include <jemalloc/jemalloc.h>
+#endif
+
+struct sb {
+	char *p;
+	size_t n, cap;
+	bool oom;
+};
+
+__attribute__((format(printf, 2, 3))) static void sb_printf(struct sb *b, const char *fmt, ...)
+{
+	va_list ap;
+	int k;
+
+	for (;;) {
+		size_t room = b->cap - b->n;
+		va_start(ap, fmt);
+		k = vsnprintf(b->p ? b->p + b->n : NULL, room, fmt, ap);
+		va_end(ap);
+		if (k < 0)
+			return;
+		if ((size_t)k < room) {
+			b->n += (size_t)k;
+			return;
+		}
+		size_t cap = (b->cap + (size_t)k + 1) * 2;
+		char *p = realloc(b->p, cap);
+		if (!p) {
+			b->oom = true;
+			return;
+		}
+		b->p = p;
+		b->cap = cap;
+	}
+}
+
+/* A JSON string: quotes, backslashes and control bytes escaped. */
+static void sb_json_str(struct sb *b, const char *s, size_t n)
+{
+	sb_printf(b, "\"");
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (c == '"' || c == '\\')
+			sb_printf(b, "\\%c", c);
+		else if (c < 0x20 || c == 0x7f)
+			sb_printf(b, "\\u%04x", c);
+		else
+			sb_printf(b, "%c", c);
+	}
+	sb_printf(b, "\"");
+}
+
+static uint64_t ld(const uint64_t *p)
+{
+	return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+/* The q-quantile of a job's latency histogram in microseconds (0 if empty). */
+static double lat_quantile(const struct job *j, double q)
+{
+	uint64_t total = 0, cum = 0, want;
+
+	for (int b = 0; b <= LAT_BUCKETS; b++)
+		total += ld(&j->lat[b]);
+	if (!total)
+		return 0;
+	want = (uint64_t)ceil(q * (double)total);
+	if (want == 0)
+		want = 1;
+	for (int b = 0; b <= LAT_BUCKETS; b++) {
+		uint64_t in = ld(&j->lat[b]);
+		if (cum + in >= want) {
+			double lo = b == 0 ? 0 : ldexp(1, b - 1), hi = ldexp(1, b);
+			/* linear inside the bucket [2^(b-1), 2^b) us */
+			return lo + (hi - lo) * (double)(want - cum) / (double)in;
+		}
+		cum += in;
+	}
+	return ldexp(1, LAT_BUCKETS);
+}
+
+static void heap_stats(uint64_t *allocated, uint64_t *resident)
+{
+	*allocated = *resident = 0;
+#ifdef KV_HAVE_JEMALLOC
+	uint64_t epoch = 1;
+	size_t sz = sizeof(epoch), v, vs = sizeof(v);
+
+	mallctl("epoch", &epoch, &sz, &epoch, sz); /* refresh the cached statistics */
+	if (mallctl("stats.allocated", &v, &vs, NULL, 0) == 0)
+		*allocated = v;
+	vs = sizeof(v);
+	if (mallctl("stats.resident", &v, &vs, NULL, 0) == 0)
+		*resident = v;
+#endif
+}
+
+static bool visible(const struct job *j, uid_t viewer)
+{
+	return viewer == 0 || j->uid == viewer;
+}
+
+static void render_json(struct kvd *d, struct sb *b, uid_t viewer)
+{
+	uint64_t alloc, res;
+	bool first = true;
+
+	heap_stats(&alloc, &res);
+	sb_printf(b, "{\"version\": \"%s\", \"uptime_s\": %.1f, \"engine_threads\": %d, \"jobs\": [",
+		  KV_VERSION, kvd_now() - d->start, d->cfg.threads);
+	for (struct job *j = d->jobs; j; j = j->next) {
+		if (!visible(j, viewer))
+			continue;
+		sb_printf(b, "%s{\"name\": ", first ? "" : ", ");
+		first = false;
+		sb_json_str(b, j->name, strlen(j->name));
+		sb_printf(b, ", \"uid\": %u, \"num_workers\": %d, \"ranks\": [", (unsigned)j->uid,
+			  j->num_workers);
+		for (int r = 0, f = 1; r < j->num_workers; r++) {
+			if (!j->ranks[r])
+				continue;
+			sb_printf(b, "%s{\"rank\": %d, \"pid\": %d}", f ? "" : ", ", r,
+				  (int)j->ranks[r]->pid);
+			f = 0;
+		}
+		sb_printf(b,
+			  "], \"keys\": %u, \"rounds\": %llu, \"bytes_reduced\": %llu, "
+			  "\"bytes\": %llu, \"ops\": %llu, \"inflight\": %llu, "
+			  "\"peak_inflight\": %llu, "
+			  "\"latency_us\": {\"p50\": %.1f, \"p99\": %.1f}, \"stalled\": []}",
+			  __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE),
+			  (unsigned long long)ld(&j->rounds),
+			  (unsigned long long)ld(&j->bytes_reduced),
+			  (unsigned long long)ld(&j->bytes), (unsigned long long)ld(&j->ops),
+			  (unsigned long long)ld(&j->inflight),
+			  (unsigned long long)ld(&j->peak_inflight), lat_quantile(j, 0.5),
+			  lat_quantile(j, 0.99));
+	}
+	sb_printf(b,
+		  "], \"memory\": {\"shared_bytes\": %llu, \"pinned_bytes\": 0, "
+		  "\"heap_allocated\": %llu, \"heap_resident\": %llu}, \"gpus\": []}\n",
+		  (unsigned long long)ld(&d->shared_bytes), (unsigned long long)alloc,
+		  (unsigned long long)res);
+}
+
+static void render_text(struct kvd *d, struct sb *b, uid_t viewer, bool jobs_only)
+{
+	int njobs = 0;
+
+	for (struct job *j = d->jobs; j; j = j->next)
+		njobs += visible(j, viewer);
+	if (!jobs_only)
+		sb_printf(b, "kvd %s  up %.0fs  %d engine threads  %d jobs  %llu shared bytes\n",
+			  KV_VERSION, kvd_now() - d->start, d->cfg.threads, njobs,
+			  (unsigned long long)ld(&d->shared_bytes));
+	sb_printf(b, "%-24s %6s %7s %6s %10s %14s %9s %9s\n", "JOB", "UID", "RANKS", "KEYS",
+		  "ROUNDS", "BYTES_REDUCED", "P50_US", "P99_US");
+	for (struct job *j = d->jobs; j; j = j->next) {
+		if (!visible(j, viewer))
+			continue;
+		sb_printf(b, "%-24s %6u %3d/%-3d %6u %10llu %14llu %9.1f %9.1f\n", j->name,
+			  (unsigned)j->uid, j->present, j->num_workers,
+			  __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE),
+			  (unsigned long long)ld(&j->rounds),
+			  (unsigned long long)ld(&j->bytes_reduced), lat_quantile(j, 0.5),
+			  lat_quantile(j, 0.99));
+		if (jobs_only)
+			continue;
+		for (int r = 0; r < j->num_workers; r++) {
+			if (j->ranks[r])
+				sb_printf(b, "  rank %-4d pid %d\n", r, (int)j->ranks[r]->pid);
+			else
+				sb_printf(b, "  rank %-4d (absent)\n", r);
+		}
+	}
+}
+
+static void metric_head(struct sb *b, const char *name, const char *type, const char *help)
+{
+	sb_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void render_metrics(struct kvd *d, struct sb *b, uid_t viewer)
+{
+	static const struct {
+		const char *name, *help;
+		size_t off;
+	} counters[] = {
+		{ "kvd_rounds_total", "Completed rounds, all keys.", offsetof(struct job, rounds) },
+		{ "kvd_bytes_reduced_total", "Bytes of results produced by rounds.",
+		  offsetof(struct job, bytes_reduced) },
+		{ "kvd_ops_total", "Completed op parts.", offsetof(struct job, ops) },
+	};
+	uint64_t alloc, res;
+
+	heap_stats(&alloc, &res);
+	metric_head(b, "kvd_uptime_seconds", "gauge", "Seconds since kvd started.");
+	sb_printf(b, "kvd_uptime_seconds %.3f\n", kvd_now() - d->start);
+	metric_head(b, "kvd_shared_bytes", "gauge", "Bytes of shared memory held.");
+	sb_printf(b, "kvd_shared_bytes %llu\n", (unsigned long long)ld(&d->shared_bytes));
+	metric_head(b, "kvd_heap_allocated_bytes", "gauge", "Heap bytes allocated (jemalloc).");
+	sb_printf(b, "kvd_heap_allocated_bytes %llu\n", (unsigned long long)alloc);
+	metric_head(b, "kvd_heap_resident_bytes", "gauge", "Heap bytes resident (jemalloc).");
+	sb_printf(b, "kvd_heap_resident_bytes %llu\n", (unsigned long long)res);
+	metric_head(b, "kvd_job_ranks", "gauge", "Ranks joined, per job.");
+	for (struct job *j = d->jobs; j; j = j->next)
+		if (visible(j, viewer))
+			sb_printf(b, "kvd_job_ranks{job=\"%s\"} %d\n", j->name, j->present);
+	metric_head(b, "kvd_job_keys", "gauge", "Keys, per job.");
+	for (struct job *j = d->jobs; j; j = j->next)
+		if (visible(j, viewer))
+			sb_printf(b, "kvd_job_keys{job=\"%s\"} %u\n", j->name,
+				  __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE));
+	for (size_t i = 0; i < sizeof(counters) / sizeof(counters[0]); i++) {
+		metric_head(b, counters[i].name, "counter", counters[i].help);
+		for (struct job *j = d->jobs; j; j = j->next)
+			if (visible(j, viewer))
+				sb_printf(b, "%s{job=\"%s\"} %llu\n", counters[i].name, j->name,
+					  (unsigned long long)ld((const uint64_t *)((const char *)j +
+										 counters[i].off)));
+	}
+	metric_head(b, "kvd_op_latency_seconds", "histogram",
+		    "Time from kvd taking an op part to its completion.");
+	for (struct job *j = d->jobs; j; j = j->next) {
+		uint64_t cum = 0;
+		if (!visible(j, viewer))
+			continue;
+		for (int k = 0; k < LAT_BUCKETS; k++) {
+			cum += ld(&j->lat[k]);
+			sb_printf(b, "kvd_op_latency_seconds_bucket{job=\"%s\",le=\"%g\"} %llu\n",
+				  j->name, ldexp(1, k) * 1e-6, (unsigned long long)cum);
+		}
+		cum += ld(&j->lat[LAT_BUCKETS]);
+		sb_printf(b, "kvd_op_latency_seconds_bucket{job=\"%s\",le=\"+Inf\"} %llu\n",
+			  j->name, (unsigned long long)cum);
+		sb_printf(b, "kvd_op_latency_seconds_sum{job=\"%s\"} %.9f\n", j->name,
+			  (double)ld(&j->lat_sum_ns) * 1e-9);
+		sb_printf(b, "kvd_op_latency_seconds_count{job=\"%s\"} %llu\n", j->name,
+			  (unsigned long long)cum);
+	}
+}
+
+char *stats_render(struct kvd *d, uint32_t what, uid_t viewer, size_t *len)
+{
+	struct sb b = { 0 };
+
+	pthread_mutex_lock(&d->lock);
+	switch (what) {
+	case KV_STATUS_JSON:
+		render_json(d, &b, viewer);
+		break;
+	case KV_STATUS_METRICS:
+		render_metrics(d, &b, viewer);
+		break;
+	case KV_STATUS_JOBS:
+		render_text(d, &b, viewer, true);
+		break;
+	default:
+		render_text(d, &b, viewer, false);
+		break;
+	}
+	pthread_mutex_unlock(&d->lock);
+	if (b.oom) {
+		free(b.p);
+		return NULL;
+	}
+	*len = b.n;
+	return b.p;
+}

@@ -1,0 +1,48 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * gpu.h - is there a usable CUDA device, and a few plain C helpers around
+ * the CUDA runtime for code that must not include CUDA headers (tests,
+ * tools).
+ *
+ * The binaries link the static CUDA runtime, which loads the driver with
+ * dlopen at first use: on a machine without a driver or without a GPU these
+ * calls answer "none" quietly.  Built without CUDA (KV_HAVE_CUDA undefined)
+ * they answer "none" too, and the helpers return KV_ERR_UNSUPPORTED / NULL.
+ * Every helper switches to the given device for the call and restores the
+ * calling thread's current device afterwards.
+ */
+#ifndef KV_KERNELS_GPU_H
+#define KV_KERNELS_GPU_H
+
+#include <stddef.h>
+
+#include "kv.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Usable CUDA devices (not in "prohibited" compute mode); 0 without driver or GPU.
+ * Decided once per process. */
+int gpu_count(void);
+/* A sentence for logs and `kvctl status`: "no GPU (CUDA driver not found)",
+ * "1 GPU: NVIDIA H100 80GB HBM3 (driver 13.0)", ... */
+const char *gpu_status(void);
+
+/* Device memory, for tests and tools.  NULL / KV_ERR_* on failure. */
+void *gpu_alloc(int device, size_t bytes);
+void gpu_free(int device, void *p);
+int gpu_memcpy_h2d(int device, void *dst, const void *src, size_t bytes);
+int gpu_memcpy_d2h(int device, void *dst, const void *src, size_t bytes);
+int gpu_memset(int device, void *dst, int byte, size_t bytes);
+/* Waits for all work on device; reports a kernel fault as KV_ERR_IO. */
+int gpu_sync(int device);
+
+/* A cudaError_t as a KV_ERR_* code (0 for cudaSuccess). */
+int gpu_error_code(int cuda_error);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KV_KERNELS_GPU_H */

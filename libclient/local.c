@@ -1,0 +1,998 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * local.c - the built-in "local" store: one rank of a job served by kvd.
+ *
+ * kv_create connects to kvd's socket, says hello, and maps the ring segment
+ * kvd hands back.  An op on a key is cut into parts (kvd says how large);
+ * each part is one submission: the client copies the part's input into a
+ * staging block of its arena (or not at all, when the caller's buffer was
+ * made by kv_alloc), pushes the submission, and goes on with the next part
+ * while kvd sums the previous one.  Completions come back per part; the
+ * result of a part is copied out as soon as its completion is reaped.
+ *
+ * Waiting: spin on the completion ring briefly, then sleep on its tail word
+ * (futex) in slices, checking between slices that kvd is still there and
+ * whether the op's deadline (timeout_ms) passed; a timed-out op is
+ * cancelled.  One mutex guards the store; it is dropped while sleeping.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "client.h"
+#include "../kernels/reduce.h"
+#include "../shm/arena.h"
+#include "../shm/futex.h"
+#include "../shm/layout.h"
+#include "../shm/msg.h"
+#include "../shm/ring.h"
+#include "../shm/seg.h"
+
+#define WAIT_SPIN 4000    /* spins on the completion ring before sleeping */
+#define WAIT_SLICE_MS 100 /* sleep this long at most between liveness checks */
+#define CANCEL_GRACE_MS 2000
+#define ARENA_GROW_MIN (16u << 20)
+
+struct lkey {
+	char *name;
+	uint32_t len, id, nparts, part_elems;
+	uint64_t count;
+	kv_dtype dtype;
+};
+
+struct lop {
+	uint32_t gen; /* part of user_data; bumped at each use of the slot */
+	bool used, done, abandoned, async;
+	uint8_t op;
+	uint32_t nparts, completed;
+	uint32_t part_elems;
+	size_t esize;
+	uint64_t count;
+	int status;
+	uint8_t *stage;    /* arena block owned by the op, or NULL */
+	uint8_t *out_base; /* where kvd writes results */
+	uint8_t **outs;    /* caller buffers that also receive the result */
+	int nout;
+	uint32_t next_free;
+};
+
+struct lseg {
+	int fd;
+	void *base;
+	size_t size;
+};
+
+struct local {
+	pthread_mutex_t lock;
+	struct kv_resolved o;
+	int sock, doorbell;
+	uint8_t *ring;
+	size_t ring_size;
+	struct ring sq, cq;
+	uint32_t part_bytes, max_segs;
+	struct arena arena;
+	struct lseg *segs;
+	uint32_t nsegs;
+	struct lkey **keys; /* open addressing by name */
+	uint32_t nkeys, capkeys;
+	struct lop *ops;
+	uint32_t nops, free_op;
+	uint32_t seq;
+	bool dead;
+	int dead_code;
+	char dead_why[256];
+	char *errbuf; /* where the op in progress reports (the store's buffer) */
+};
+
+#define NO_OP UINT32_MAX
+
+static int fail(char *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(char *err, int code, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (err) {
+		va_start(ap, fmt);
+		vsnprintf(err, KV_ERRLEN, fmt, ap);
+		va_end(ap);
+	}
+	return code;
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ------------------------------------------------------------------ socket */
+
+static void mark_dead(struct local *l, int code, const char *why)
+{
+	if (l->dead)
+		return;
+	l->dead = true;
+	l->dead_code = code;
+	snprintf(l->dead_why, sizeof(l->dead_why), "%s", why);
+}
+
+/* A message kvd sent on its own (not a reply): it says the store is over. */
+static void unsolicited(struct local *l, const struct kv_msg *m)
+{
+	char why[256];
+
+	if (m->type == KV_MSG_ERROR) {
+		snprintf(why, sizeof(why), "%.*s", (int)m->u.error.len, m->u.error.text);
+		mark_dead(l, m->u.error.code ? m->u.error.code : KV_ERR_DAEMON, why);
+	}
+}
+
+/* Read one message; 0, or a KV_ERR_* (kvd gone, or garbage from it). */
+static int recv_one(struct local *l, uint8_t *buf, struct kv_msg *m, int *fds, int *nfds,
+		    int timeout_ms)
+{
+	struct pollfd p = { .fd = l->sock, .events = POLLIN };
+	const char *why;
+	ssize_t n;
+	int rc;
+
+	do
+		rc = poll(&p, 1, timeout_ms);
+	while (rc < 0 && errno == EINTR);
+	if (rc == 0)
+		return KV_ERR_TIMEOUT;
+	n = seg_recv(l->sock, buf, KV_MSG_MAX, fds, SEG_MAX_FDS, nfds);
+	if (n <= 0) {
+		mark_dead(l, KV_ERR_DAEMON, n == 0 ? "kvd closed the connection"
+						   : "lost the connection to kvd");
+		return KV_ERR_DAEMON;
+	}
+	rc = kv_msg_decode(buf, (size_t)n, m, &why);
+	if (rc) {
+		for (int i = 0; i < *nfds; i++)
+			close(fds[i]);
+		*nfds = 0;
+		mark_dead(l, KV_ERR_PROTO, "kvd sent a malformed message");
+		return KV_ERR_PROTO;
+	}
+	return 0;
+}
+
+/* Send m and wait for its reply; an ERROR reply becomes its code with its text in err. */
+static int request(struct local *l, struct kv_msg *m, struct kv_msg *reply, uint8_t *rbuf,
+		   int *fd, char *err)
+{
+	uint8_t buf[KV_MSG_MAX];
+	size_t n;
+	int fds[SEG_MAX_FDS], nfds, rc;
+	int64_t deadline = l->o.timeout_ms > 0 ? now_ms() + l->o.timeout_ms : 0;
+
+	if (l->dead)
+		return fail(err, l->dead_code, "%s", l->dead_why);
+	m->seq = ++l->seq;
+	n = kv_msg_encode(m, buf, sizeof(buf));
+	if (!n)
+		return fail(err, KV_ERR_INVALID, "request does not fit a message");
+	rc = seg_send(l->sock, buf, n, NULL, 0);
+	if (rc) {
+		mark_dead(l, KV_ERR_DAEMON, "lost the connection to kvd");
+		return fail(err, KV_ERR_DAEMON, "cannot send to kvd: %s", strerror(-rc));
+	}
+	for (;;) {
+		int slice = WAIT_SLICE_MS * 10;
+		if (deadline) {
+			int64_t left = deadline - now_ms();
+			if (left <= 0)
+				return fail(err, KV_ERR_TIMEOUT, "kvd did not answer within %d ms",
+					    l->o.timeout_ms);
+			slice = left < slice ? (int)left : slice;
+		}
+		rc = recv_one(l, rbuf, reply, fds, &nfds, slice);
+		if (rc == KV_ERR_TIMEOUT)
+			continue;
+		if (rc)
+			return fail(err, rc, "%s", l->dead_why);
+		if (reply->seq != m->seq) {
+			for (int i = 0; i < nfds; i++)
+				close(fds[i]);
+			unsolicited(l, reply);
+			if (l->dead)
+				return fail(err, l->dead_code, "%s", l->dead_why);
+			continue;
+		}
+		break;
+	}
+	if (fd)
+		*fd = nfds > 0 ? fds[0] : -1;
+	for (int i = fd ? 1 : 0; i < nfds; i++)
+		close(fds[i]);
+	if (reply->type == KV_MSG_ERROR) {
+		if (fd && *fd >= 0) {
+			close(*fd);
+			*fd = -1;
+		}
+		if (reply->u.error.code)
+			return fail(err, reply->u.error.code, "%.*s", (int)reply->u.error.len,
+				    reply->u.error.text);
+	}
+	return 0;
+}
+
+/* Between waits: is kvd still there?  Reads what it sent on its own. */
+static void check_daemon(struct local *l)
+{
+	struct pollfd p = { .fd = l->sock, .events = POLLIN };
+	uint8_t buf[KV_MSG_MAX];
+	struct kv_msg m;
+	int fds[SEG_MAX_FDS], nfds;
+
+	while (!l->dead && poll(&p, 1, 0) > 0) {
+		if (recv_one(l, buf, &m, fds, &nfds, 0))
+			return;
+		for (int i = 0; i < nfds; i++)
+			close(fds[i]);
+		unsolicited(l, &m);
+	}
+}
+
+int local_request_text(struct local *l, uint16_t type, uint32_t flags, const char *text,
+		       size_t len, char *err)
+{
+	struct kv_msg m = { .type = type }, r;
+	uint8_t rbuf[KV_MSG_MAX];
+	int rc;
+
+	if (type == KV_MSG_OPTIMIZER) {
+		m.u.optimizer.spec = text;
+		m.u.optimizer.len = (uint32_t)len;
+	} else {
+		m.u.file.flags = flags;
+		m.u.file.path = text;
+		m.u.file.len = (uint32_t)len;
+	}
+	pthread_mutex_lock(&l->lock);
+	rc = request(l, &m, &r, rbuf, NULL, err);
+	pthread_mutex_unlock(&l->lock);
+	return rc;
+}
+
+/* ------------------------------------------------------------------ arena */
+
+static int arena_grow(void *ctx, size_t min, struct arena_seg *s)
+{
+	struct local *l = ctx;
+	struct kv_msg m = { .type = KV_MSG_SEG_ALLOC }, r;
+	uint8_t rbuf[KV_MSG_MAX];
+	size_t size = min < ARENA_GROW_MIN ? ARENA_GROW_MIN : (min + (2u << 20) - 1) & ~(size_t)((2u << 20) - 1);
+	int fd = -1, rc;
+	void *base;
+
+	if (l->nsegs >= l->max_segs) {
+		fail(l->errbuf, KV_ERR_NOMEM, "this store already maps %u segments, kvd's limit",
+		     l->nsegs);
+		return ENOMEM;
+	}
+	m.u.seg_alloc.bytes = size;
+	rc = request(l, &m, &r, rbuf, &fd, l->errbuf);
+	if (rc)
+		return ENOMEM;
+	if (r.type != KV_MSG_SEG || fd < 0 || r.u.seg.size < size) {
+		if (fd >= 0)
+			close(fd);
+		fail(l->errbuf, KV_ERR_PROTO, "kvd answered a segment request wrongly");
+		return EPROTO;
+	}
+	rc = seg_map(fd, r.u.seg.size, 0, &base);
+	if (rc) {
+		close(fd);
+		fail(l->errbuf, KV_ERR_NOMEM, "cannot map a segment from kvd: %s", strerror(-rc));
+		return ENOMEM;
+	}
+	l->segs[l->nsegs++] = (struct lseg){ fd, base, r.u.seg.size };
+	s->id = r.u.seg.seg_id;
+	s->base = base;
+	s->size = r.u.seg.size;
+	return 0;
+}
+
+void *local_alloc(struct local *l, size_t bytes, char *err)
+{
+	void *p;
+
+	pthread_mutex_lock(&l->lock);
+	l->errbuf = err;
+	if (err)
+		err[0] = '\0';
+	p = arena_alloc(&l->arena, bytes);
+	if (!p && err && !err[0])
+		fail(err, KV_ERR_NOMEM, "cannot allocate %zu bytes of shared memory", bytes);
+	l->errbuf = NULL;
+	pthread_mutex_unlock(&l->lock);
+	return p;
+}
+
+int local_free(struct local *l, void *p)
+{
+	int rc;
+
+	pthread_mutex_lock(&l->lock);
+	rc = arena_free(&l->arena, p);
+	pthread_mutex_unlock(&l->lock);
+	return rc;
+}
+
+/* ------------------------------------------------------------------ keys */
+
+static uint32_t key_hash(const char *s, size_t n)
+{
+	uint32_t h = 2166136261u;
+	for (size_t i = 0; i < n; i++) {
+		h ^= (uint8_t)s[i];
+		h *= 16777619u;
+	}
+	return h;
+}
+
+static struct lkey *key_cached(struct local *l, const char *name, size_t len)
+{
+	if (!l->capkeys)
+		return NULL;
+	for (uint32_t i = key_hash(name, len) & (l->capkeys - 1);; i = (i + 1) & (l->capkeys - 1)) {
+		struct lkey *k = l->keys[i];
+		if (!k)
+			return NULL;
+		if (k->len == len && memcmp(k->name, name, len) == 0)
+			return k;
+	}
+}
+
+static int key_cache(struct local *l, struct lkey *k)
+{
+	if ((l->nkeys + 1) * 2 > l->capkeys) {
+		uint32_t cap = l->capkeys ? l->capkeys * 2 : 64;
+		struct lkey **n = calloc(cap, sizeof(*n));
+		if (!n)
+			return -ENOMEM;
+		for (uint32_t i = 0; i < l->capkeys; i++) {
+			struct lkey *o = l->keys[i];
+			if (!o)
+				continue;
+			uint32_t h = key_hash(o->name, o->len) & (cap - 1);
+			while (n[h])
+				h = (h + 1) & (cap - 1);
+			n[h] = o;
+		}
+		free(l->keys);
+		l->keys = n;
+		l->capkeys = cap;
+	}
+	uint32_t h = key_hash(k->name, k->len) & (l->capkeys - 1);
+	while (l->keys[h])
+		h = (h + 1) & (l->capkeys - 1);
+	l->keys[h] = k;
+	l->nkeys++;
+	return 0;
+}
+
+static const char *dtype_name(kv_dtype t)
+{
+	static const char *const names[] = { "float32", "float64", "float16",
+					     "bfloat16", "int32", "int64" };
+	return (unsigned)t < 6 ? names[t] : "?";
+}
+
+static int key_get(struct local *l, const char *name, size_t count, kv_dtype t, uint8_t mode,
+		   struct lkey **out, char *err)
+{
+	size_t len = strlen(name);
+	struct lkey *k = key_cached(l, name, len);
+	struct kv_msg m = { .type = KV_MSG_KEY_OPEN }, r;
+	uint8_t rbuf[KV_MSG_MAX];
+	int rc;
+
+	if (k) {
+		if (k->count != count || k->dtype != t)
+			return fail(err, KV_ERR_MISMATCH,
+				    "key '%s' holds %llu %s elements; this call has %zu %s", name,
+				    (unsigned long long)k->count, dtype_name(k->dtype), count,
+				    dtype_name(t));
+		*out = k;
+		return 0;
+	}
+	m.u.key_open.count = count;
+	m.u.key_open.dtype = (uint8_t)t;
+	m.u.key_open.mode = mode;
+	m.u.key_open.name_len = (uint32_t)len;
+	memcpy(m.u.key_open.name, name, len);
+	rc = request(l, &m, &r, rbuf, NULL, err);
+	if (rc)
+		return rc;
+	if (r.type != KV_MSG_KEY || r.u.key.count != count || r.u.key.dtype != t ||
+	    (uint64_t)r.u.key.part_elems * kv_dtype_size(t) > l->part_bytes)
+		return fail(err, KV_ERR_PROTO, "kvd answered a key request wrongly");
+	k = calloc(1, sizeof(*k));
+	if (!k || !(k->name = malloc(len + 1))) {
+		free(k);
+		return fail(err, KV_ERR_NOMEM, "out of memory");
+	}
+	memcpy(k->name, name, len + 1);
+	k->len = (uint32_t)len;
+	k->id = r.u.key.key_id;
+	k->nparts = r.u.key.nparts;
+	k->part_elems = r.u.key.part_elems;
+	k->count = count;
+	k->dtype = t;
+	if (key_cache(l, k)) {
+		free(k->name);
+		free(k);
+		return fail(err, KV_ERR_NOMEM, "out of memory");
+	}
+	*out = k;
+	return 0;
+}
+
+/* ------------------------------------------------------------------ ops */
+
+static struct lop *op_alloc(struct local *l, uint32_t *slot)
+{
+	if (l->free_op == NO_OP) {
+		uint32_t cap = l->nops ? l->nops * 2 : 64;
+		struct lop *n = realloc(l->ops, cap * sizeof(*n));
+		if (!n)
+			return NULL;
+		memset(n + l->nops, 0, (cap - l->nops) * sizeof(*n));
+		for (uint32_t i = l->nops; i < cap; i++)
+			n[i].next_free = i + 1 < cap ? i + 1 : NO_OP;
+		l->free_op = l->nops;
+		l->ops = n;
+		l->nops = cap;
+	}
+	*slot = l->free_op;
+	struct lop *op = &l->ops[*slot];
+	l->free_op = op->next_free;
+	uint32_t gen = op->gen + 1 ? op->gen + 1 : 1;
+	memset(op, 0, sizeof(*op));
+	op->gen = gen;
+	op->used = true;
+	return op;
+}
+
+static void op_release(struct local *l, struct lop *op)
+{
+	uint32_t slot = (uint32_t)(op - l->ops);
+
+	if (op->stage)
+		arena_free(&l->arena, op->stage);
+	free(op->outs);
+	op->stage = NULL;
+	op->outs = NULL;
+	op->used = false;
+	op->next_free = l->free_op;
+	l->free_op = slot;
+}
+
+static uint64_t op_ud(struct local *l, struct lop *op)
+{
+	return ((uint64_t)op->gen << 32) | (uint32_t)(op - l->ops);
+}
+
+static void op_finish(struct local *l, struct lop *op)
+{
+	op->done = true;
+	if (op->stage) {
+		arena_free(&l->arena, op->stage);
+		op->stage = NULL;
+	}
+	if (op->abandoned)
+		op_release(l, op);
+}
+
+static void copy_out(struct lop *op, uint32_t part)
+{
+	size_t off = (size_t)part * op->part_elems * op->esize;
+	uint64_t left = op->count - (uint64_t)part * op->part_elems;
+	size_t len = (size_t)(left < op->part_elems ? left : op->part_elems) * op->esize;
+
+	for (int i = 0; i < op->nout; i++)
+		memcpy(op->outs[i] + off, op->out_base + off, len);
+}
+
+/* Reap every completion; returns how many, or a KV_ERR_* when the ring is corrupt. */
+static int reap(struct local *l)
+{
+	struct kv_cqe q;
+	int n = 0, rc;
+
+	while ((rc = ring_pop(&l->cq, &q)) == 0) {
+		uint32_t slot = (uint32_t)q.user_data, gen = (uint32_t)(q.user_data >> 32);
+		struct lop *op;
+
+		n++;
+		if (slot >= l->nops || !l->ops[slot].used || l->ops[slot].gen != gen ||
+		    q.part >= l->ops[slot].nparts || l->ops[slot].done)
+			continue; /* not ours: ignore it */
+		op = &l->ops[slot];
+		op->completed++;
+		if (q.status && !op->status)
+			op->status = q.status;
+		if (!q.status && op->nout && !op->abandoned)
+			copy_out(op, q.part);
+		if (op->completed == op->nparts)
+			op_finish(l, op);
+	}
+	if (rc != -EAGAIN) {
+		mark_dead(l, KV_ERR_PROTO, "the completion ring from kvd is corrupt");
+		return KV_ERR_PROTO;
+	}
+	return n;
+}
+
+static void doorbell(struct local *l)
+{
+	if (ring_consumer_sleeping(&l->sq)) {
+		uint64_t one = 1;
+		(void)!write(l->doorbell, &one, sizeof(one));
+	}
+}
+
+static int submit(struct local *l, const struct kv_sqe *s, char *err)
+{
+	int rc;
+
+	while ((rc = ring_push(&l->sq, s)) == -EAGAIN) {
+		/* the ring is full: make sure kvd is awake, reap, let it catch up */
+		uint64_t one = 1;
+		(void)!write(l->doorbell, &one, sizeof(one));
+		if (reap(l) < 0 || l->dead)
+			return fail(err, l->dead_code, "%s", l->dead_why);
+		check_daemon(l);
+		if (l->dead)
+			return fail(err, l->dead_code, "%s", l->dead_why);
+		pthread_mutex_unlock(&l->lock);
+		sched_yield();
+		pthread_mutex_lock(&l->lock);
+	}
+	if (rc) {
+		mark_dead(l, KV_ERR_PROTO, "the submission ring to kvd is corrupt");
+		return fail(err, KV_ERR_PROTO, "%s", l->dead_why);
+	}
+	doorbell(l);
+	return 0;
+}
+
+/* Fail every op in flight: kvd is gone. */
+static void fail_all(struct local *l)
+{
+	for (uint32_t i = 0; i < l->nops; i++) {
+		struct lop *op = &l->ops[i];
+		if (!op->used || op->done)
+			continue;
+		if (!op->status)
+			op->status = l->dead_code;
+		op->stage = NULL; /* its segment may still be read by a dying kvd: leave it */
+		op_finish(l, op);
+	}
+}
+
+static int wait_op(struct local *l, struct lop *op, char *err)
+{
+	int64_t deadline = l->o.timeout_ms > 0 ? now_ms() + l->o.timeout_ms : 0;
+	bool cancelled = false;
+
+	while (!op->done) {
+		int rc = reap(l), slice = WAIT_SLICE_MS;
+
+		if (rc < 0 || l->dead) {
+			fail_all(l);
+			break;
+		}
+		if (rc > 0)
+			continue;
+		if (deadline) {
+			int64_t left = deadline - now_ms();
+			if (left <= 0) {
+				if (cancelled) {
+					/* kvd never answered the cancel: give the op up */
+					op->abandoned = true;
+					return fail(err, KV_ERR_TIMEOUT,
+						    "the op did not complete within %d ms",
+						    l->o.timeout_ms);
+				}
+				struct kv_sqe s = { .op = KV_OP_CANCEL, .user_data = op_ud(l, op) };
+				if (submit(l, &s, err))
+					break;
+				cancelled = true;
+				deadline = now_ms() + CANCEL_GRACE_MS;
+				continue;
+			}
+			slice = left < slice ? (int)left : slice;
+		}
+		pthread_mutex_unlock(&l->lock);
+		rc = ring_wait(&l->cq, WAIT_SPIN, slice);
+		pthread_mutex_lock(&l->lock);
+		if (rc == -ETIMEDOUT)
+			check_daemon(l);
+	}
+	if (op->status == KV_ERR_TIMEOUT)
+		return fail(err, KV_ERR_TIMEOUT,
+			    "no round completed within %d ms (are all ranks of job '%s' running "
+			    "this op?)",
+			    l->o.timeout_ms, l->o.job);
+	switch (op->status) {
+	case KV_OK:
+		return KV_OK;
+	case KV_ERR_PEER:
+		if (l->dead)
+			return fail(err, KV_ERR_PEER, "%s", l->dead_why);
+		return fail(err, KV_ERR_PEER,
+			    "a rank of job '%s' left or died while this op needed it", l->o.job);
+	case KV_ERR_DAEMON:
+		return fail(err, KV_ERR_DAEMON, "kvd stopped before the op completed (%s)",
+			    l->dead ? l->dead_why : "it is shutting down");
+	case KV_ERR_MISMATCH:
+		return fail(err, KV_ERR_MISMATCH,
+			    "rank 0 ran another kind of op on this key in this round");
+	case KV_ERR_EXISTS:
+		return fail(err, KV_ERR_EXISTS, "this rank already initialised the key");
+	case KV_ERR_NOKEY:
+		return fail(err, KV_ERR_NOKEY, "the key holds no value yet");
+	default:
+		return fail(err, op->status, "kvd failed the op: %s", kv_strerror(op->status));
+	}
+}
+
+static bool locate(struct local *l, const void *p, size_t bytes, struct kv_loc *loc)
+{
+	uint32_t id;
+	uint64_t off;
+
+	if (!p || arena_locate(&l->arena, p, bytes, &id, &off))
+		return false;
+	loc->seg = id;
+	loc->off = off;
+	return true;
+}
+
+int local_op(struct local *l, uint8_t opc, const char *key, const void *const *srcs, int nsrc,
+	     void *const *outs, int nout, size_t count, kv_dtype t, int priority,
+	     kv_ticket *ticket, char *err)
+{
+	bool need_in = opc == KV_OP_PUSH || opc == KV_OP_PUSHPULL ||
+		       ((opc == KV_OP_INIT || opc == KV_OP_BCAST) && l->o.rank == 0);
+	bool need_out = opc == KV_OP_PULL || opc == KV_OP_PUSHPULL || opc == KV_OP_BCAST;
+	uint8_t mode = opc == KV_OP_INIT || opc == KV_OP_BCAST ? KV_KEY_CREATE : KV_KEY_FIND;
+	size_t esize = kv_dtype_size(t), bytes = count * esize;
+	struct kv_loc in_loc = { .seg = KV_SEG_NONE }, out_loc = { .seg = KV_SEG_NONE };
+	uint8_t *in_base = NULL;
+	struct lkey *k;
+	struct lop *op;
+	uint32_t slot;
+	bool zc_in, zc_out;
+	int rc;
+
+	if (need_in && nsrc > REDUCE_MAX_INPUTS)
+		return fail(err, KV_ERR_INVALID, "at most %d local buffers per op",
+			    REDUCE_MAX_INPUTS);
+	pthread_mutex_lock(&l->lock);
+	l->errbuf = err;
+	err[0] = '\0';
+	if (l->dead) {
+		rc = fail(err, l->dead_code, "%s", l->dead_why);
+		goto out_unlock;
+	}
+	rc = key_get(l, key, count, t, mode, &k, err);
+	if (rc)
+		goto out_unlock;
+	op = op_alloc(l, &slot);
+	if (!op) {
+		rc = fail(err, KV_ERR_NOMEM, "out of memory");
+		goto out_unlock;
+	}
+	op->op = opc;
+	op->nparts = k->nparts;
+	op->part_elems = k->part_elems;
+	op->esize = esize;
+	op->count = count;
+	op->async = ticket != NULL;
+
+	/* where the input comes from and the result goes: the caller's own
+	 * shared buffers when it made them with kv_alloc, else a staging block */
+	zc_in = need_in && nsrc == 1 && locate(l, srcs[0], bytes, &in_loc);
+	zc_out = need_out && locate(l, outs[0], bytes, &out_loc);
+	if (zc_in)
+		in_base = (uint8_t *)srcs[0];
+	if (zc_out)
+		op->out_base = outs[0];
+	if ((need_in && !zc_in) || (need_out && !zc_out)) {
+		if (need_in && !zc_in && zc_out && opc != KV_OP_PULL) {
+			/* copy the input into the output buffer; kvd sums in place there */
+			in_base = op->out_base;
+			in_loc = out_loc;
+		} else {
+			op->stage = arena_alloc(&l->arena, bytes);
+			if (!op->stage) {
+				if (!err[0])
+					fail(err, KV_ERR_NOMEM,
+					     "no shared memory for a %zu-byte staging buffer", bytes);
+				rc = KV_ERR_NOMEM;
+				op_release(l, op);
+				goto out_unlock;
+			}
+			struct kv_loc sl = { .seg = KV_SEG_NONE };
+			locate(l, op->stage, bytes, &sl);
+			if (need_in && !zc_in) {
+				in_base = op->stage;
+				in_loc = sl;
+			}
+			if (need_out && !zc_out) {
+				op->out_base = op->stage;
+				out_loc = sl;
+			}
+		}
+	}
+	if (need_out) {
+		op->outs = calloc((size_t)nout, sizeof(*op->outs));
+		if (!op->outs) {
+			op_release(l, op);
+			rc = fail(err, KV_ERR_NOMEM, "out of memory");
+			goto out_unlock;
+		}
+		for (int i = 0; i < nout; i++)
+			if (outs[i] != op->out_base)
+				op->outs[op->nout++] = outs[i];
+	}
+
+	for (uint32_t p = 0; p < k->nparts; p++) {
+		size_t off = (size_t)p * k->part_elems * esize;
+		uint64_t left = count - (uint64_t)p * k->part_elems;
+		size_t elems = (size_t)(left < k->part_elems ? left : k->part_elems);
+		struct kv_sqe s = {
+			.op = opc,
+			.dtype = (uint8_t)t,
+			.priority = priority,
+			.key = k->id,
+			.part = p,
+			.user_data = op_ud(l, op),
+			.count = count,
+			.in = in_loc,
+			.out = out_loc,
+		};
+
+		if (need_in && in_base != srcs[0]) {
+			if (nsrc == 1) {
+				memmove(in_base + off, (const uint8_t *)srcs[0] + off, elems * esize);
+			} else {
+				const void *ps[REDUCE_MAX_INPUTS];
+				void *dst = in_base + off;
+				for (int i = 0; i < nsrc; i++)
+					ps[i] = (const uint8_t *)srcs[i] + off;
+				reduce_sum(REDUCE_CPU, NULL, t, &dst, 1, ps, nsrc, elems);
+			}
+		}
+		if (s.in.seg != KV_SEG_NONE)
+			s.in.off += off;
+		if (s.out.seg != KV_SEG_NONE)
+			s.out.off += off;
+		if (opc == KV_OP_INIT)
+			s.out.seg = KV_SEG_NONE, s.out.off = 0;
+		rc = submit(l, &s, err);
+		if (rc) {
+			/* parts already submitted will come back; the op is given up */
+			op->nparts = p;
+			op->abandoned = true;
+			if (op->completed == op->nparts)
+				op_finish(l, op);
+			goto out_unlock;
+		}
+		if (k->nparts > 1)
+			reap(l); /* copy finished parts out while later ones are summed */
+	}
+	if (ticket) {
+		*ticket = op_ud(l, op);
+		rc = KV_OK;
+		goto out_unlock;
+	}
+	rc = wait_op(l, op, err);
+	if (!op->abandoned)
+		op_release(l, op);
+out_unlock:
+	l->errbuf = NULL;
+	pthread_mutex_unlock(&l->lock);
+	return rc;
+}
+
+int local_wait(struct local *l, kv_ticket ticket, char *err)
+{
+	uint32_t slot = (uint32_t)ticket, gen = (uint32_t)(ticket >> 32);
+	struct lop *op;
+	int rc;
+
+	pthread_mutex_lock(&l->lock);
+	if (slot >= l->nops || !l->ops[slot].used || l->ops[slot].gen != gen ||
+	    !l->ops[slot].async || l->ops[slot].abandoned) {
+		pthread_mutex_unlock(&l->lock);
+		return fail(err, KV_ERR_INVALID, "no op in flight has ticket %llu",
+			    (unsigned long long)ticket);
+	}
+	op = &l->ops[slot];
+	rc = wait_op(l, op, err);
+	if (!op->abandoned)
+		op_release(l, op);
+	pthread_mutex_unlock(&l->lock);
+	return rc;
+}
+
+int local_wait_all(struct local *l, char *err)
+{
+	int first = KV_OK;
+	char one[KV_ERRLEN];
+
+	pthread_mutex_lock(&l->lock);
+	for (uint32_t i = 0; i < l->nops; i++) {
+		struct lop *op = &l->ops[i];
+		int rc;
+
+		if (!op->used || !op->async || op->abandoned)
+			continue;
+		rc = wait_op(l, op, one);
+		if (!op->abandoned)
+			op_release(l, op);
+		if (rc && first == KV_OK) {
+			first = rc;
+			snprintf(err, KV_ERRLEN, "%s", one);
+		}
+	}
+	pthread_mutex_unlock(&l->lock);
+	return first;
+}
+
+/* ------------------------------------------------------------------ create */
+
+static int connect_kvd(const char *path, char *err)
+{
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
+	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+
+	if (fd < 0)
+		return fail(err, KV_ERR_DAEMON, "socket: %s", strerror(errno));
+	snprintf(a.sun_path, sizeof(a.sun_path), "%s", path);
+	if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
+		int e = errno;
+		close(fd);
+		return fail(err, KV_ERR_DAEMON, "no kvd answering on %s: %s", path, strerror(e));
+	}
+	return fd;
+}
+
+int local_create(const struct kv_resolved *o, struct local **out, char *err)
+{
+	struct local *l = calloc(1, sizeof(*l));
+	struct kv_msg m = { .type = KV_MSG_HELLO, .seq = 1 }, r;
+	uint8_t buf[KV_MSG_MAX];
+	int fds[SEG_MAX_FDS], nfds = 0, rc;
+	struct kv_seg_hdr *h;
+	void *mem;
+	size_t n;
+
+	if (!l)
+		return fail(err, KV_ERR_NOMEM, "out of memory");
+	pthread_mutex_init(&l->lock, NULL);
+	l->o = *o;
+	l->doorbell = -1;
+	l->free_op = NO_OP;
+	l->sock = connect_kvd(o->socket, err);
+	if (l->sock < 0) {
+		rc = l->sock;
+		goto out_free;
+	}
+	m.u.hello.rank = o->rank;
+	m.u.hello.num_workers = o->num_workers;
+	m.u.hello.device = o->device;
+	snprintf(m.u.hello.job, sizeof(m.u.hello.job), "%s", o->job);
+	n = kv_msg_encode(&m, buf, sizeof(buf));
+	if (!n || seg_send(l->sock, buf, n, NULL, 0)) {
+		rc = fail(err, KV_ERR_DAEMON, "cannot send hello to kvd on %s", o->socket);
+		goto out_close;
+	}
+	rc = recv_one(l, buf, &r, fds, &nfds, o->timeout_ms > 0 ? o->timeout_ms : -1);
+	if (rc) {
+		rc = fail(err, rc == KV_ERR_TIMEOUT ? KV_ERR_TIMEOUT : rc,
+			  rc == KV_ERR_TIMEOUT ? "kvd did not answer hello" : "%s", l->dead_why);
+		goto out_close;
+	}
+	if (r.type == KV_MSG_ERROR) {
+		rc = fail(err, r.u.error.code ? r.u.error.code : KV_ERR_PROTO, "kvd refused: %.*s",
+			  (int)r.u.error.len, r.u.error.text);
+		goto out_fds;
+	}
+	if (r.type != KV_MSG_WELCOME || nfds != 2) {
+		rc = fail(err, KV_ERR_PROTO, "kvd answered hello with message type %u", r.type);
+		goto out_fds;
+	}
+	rc = seg_map(fds[0], r.u.welcome.seg_size, SEG_MAP_RING, &mem);
+	if (rc) {
+		rc = fail(err, KV_ERR_PROTO, "cannot map the ring segment: %s", strerror(-rc));
+		goto out_fds;
+	}
+	close(fds[0]);
+	l->doorbell = fds[1];
+	nfds = 0;
+	l->ring = mem;
+	l->ring_size = r.u.welcome.seg_size;
+	h = mem;
+	if (h->magic != KV_SHM_MAGIC || h->abi != KV_SHM_ABI ||
+	    h->sq_entries != r.u.welcome.sq_entries || h->cq_entries != r.u.welcome.cq_entries ||
+	    h->sqe_size != sizeof(struct kv_sqe) || h->cqe_size != sizeof(struct kv_cqe) ||
+	    h->sq_ctl_off != KV_SQ_CTL_OFF || h->cq_ctl_off != KV_CQ_CTL_OFF ||
+	    h->sq_off != KV_SQ_OFF ||
+	    h->cq_off != KV_SQ_OFF + h->sq_entries * sizeof(struct kv_sqe) ||
+	    kv_ring_seg_size(h->sq_entries, h->cq_entries) > l->ring_size) {
+		rc = fail(err, KV_ERR_PROTO, "kvd's ring segment has an unknown layout (ABI %u)",
+			  h->abi);
+		goto out_close;
+	}
+	ring_attach(&l->sq, (struct kv_ring_ctl *)(l->ring + KV_SQ_CTL_OFF), l->ring + h->sq_off,
+		    h->sq_entries, sizeof(struct kv_sqe), true);
+	ring_attach(&l->cq, (struct kv_ring_ctl *)(l->ring + KV_CQ_CTL_OFF), l->ring + h->cq_off,
+		    h->cq_entries, sizeof(struct kv_cqe), false);
+	l->part_bytes = r.u.welcome.part_bytes;
+	l->max_segs = r.u.welcome.max_segs;
+	l->segs = calloc(l->max_segs, sizeof(*l->segs));
+	if (!l->segs) {
+		rc = fail(err, KV_ERR_NOMEM, "out of memory");
+		goto out_close;
+	}
+	arena_init(&l->arena, arena_grow, l);
+	*out = l;
+	return KV_OK;
+
+out_fds:
+	for (int i = 0; i < nfds; i++)
+		close(fds[i]);
+out_close:
+	local_destroy(l);
+	return rc;
+out_free:
+	free(l);
+	return rc;
+}
+
+void local_destroy(struct local *l)
+{
+	if (!l)
+		return;
+	if (l->sock >= 0)
+		close(l->sock);
+	if (l->doorbell >= 0)
+		close(l->doorbell);
+	if (l->ring)
+		seg_unmap(l->ring, l->ring_size);
+	for (uint32_t i = 0; i < l->nsegs; i++) {
+		seg_unmap(l->segs[i].base, l->segs[i].size);
+		close(l->segs[i].fd);
+	}
+	free(l->segs);
+	arena_fini(&l->arena);
+	for (uint32_t i = 0; i < l->capkeys; i++) {
+		if (l->keys[i]) {
+			free(l->keys[i]->name);
+			free(l->keys[i]);
+		}
+	}
+	free(l->keys);
+	for (uint32_t i = 0; i < l->nops; i++)
+		free(l->ops[i].outs);
+	free(l->ops);
+	pthread_mutex_destroy(&l->lock);
+	free(l);
+}

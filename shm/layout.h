@@ -1,0 +1,145 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * layout.h - the shared-memory ABI between kvd and libkv.
+ *
+ * Everything here is read by two processes that do not trust each other, so
+ * the structures are plain fixed-width fields with explicit padding, offsets
+ * instead of pointers, and a _Static_assert on every size and offset.  A
+ * change to any of them bumps KV_SHM_ABI.
+ *
+ * A client's ring segment (one memfd, made and sealed by the daemon) holds:
+ *
+ *   0      struct kv_seg_hdr       magic, ABI, geometry (written once by kvd)
+ *   256    struct kv_ring_ctl      submission ring control (client produces)
+ *   448    struct kv_ring_ctl      completion ring control (kvd produces)
+ *   1024   sq_entries x kv_sqe     submission entries
+ *   ...    cq_entries x kv_cqe     completion entries
+ *
+ * Data (inputs and outputs of ops) lives in arena segments, named by a
+ * segment id that kvd hands out with the fd, and an offset into it.  Each
+ * party keeps its own copy of every index and size and never re-reads them
+ * from shared memory, so a scribbled header can hurt only its own client.
+ */
+#ifndef KV_SHM_LAYOUT_H
+#define KV_SHM_LAYOUT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define KV_SHM_MAGIC 0x3a64766bu /* "kvd:" in little-endian bytes */
+#define KV_SHM_ABI 1u
+#define KV_CACHELINE 64
+
+/* One SPSC ring's control words, each on its own cache line. */
+struct kv_ring_ctl {
+	uint32_t tail; /* producer: store-release; consumer: load-acquire */
+	uint8_t pad0[KV_CACHELINE - 4];
+	uint32_t head; /* consumer: store-release; producer: load-acquire */
+	uint8_t pad1[KV_CACHELINE - 4];
+	uint32_t sleeping; /* consumer threads asleep (or about to be); producer reads */
+	uint8_t pad2[KV_CACHELINE - 4];
+};
+_Static_assert(sizeof(struct kv_ring_ctl) == 3 * KV_CACHELINE, "ring ctl size");
+_Static_assert(offsetof(struct kv_ring_ctl, tail) == 0, "tail offset");
+_Static_assert(offsetof(struct kv_ring_ctl, head) == KV_CACHELINE, "head offset");
+_Static_assert(offsetof(struct kv_ring_ctl, sleeping) == 2 * KV_CACHELINE, "sleeping offset");
+
+struct kv_seg_hdr {
+	uint32_t magic;
+	uint32_t abi;
+	uint32_t hdr_size; /* sizeof(struct kv_seg_hdr) */
+	uint32_t flags;
+	uint64_t seg_size;
+	uint32_t sq_entries; /* power of two */
+	uint32_t cq_entries; /* power of two */
+	uint32_t sqe_size;
+	uint32_t cqe_size;
+	uint32_t sq_ctl_off;
+	uint32_t cq_ctl_off;
+	uint32_t sq_off;
+	uint32_t cq_off;
+	uint8_t pad[256 - 56];
+};
+_Static_assert(sizeof(struct kv_seg_hdr) == 256, "seg hdr size");
+_Static_assert(offsetof(struct kv_seg_hdr, seg_size) == 16, "seg_size offset");
+_Static_assert(offsetof(struct kv_seg_hdr, sq_entries) == 24, "sq_entries offset");
+_Static_assert(offsetof(struct kv_seg_hdr, cq_entries) == 28, "cq_entries offset");
+_Static_assert(offsetof(struct kv_seg_hdr, sqe_size) == 32, "sqe_size offset");
+_Static_assert(offsetof(struct kv_seg_hdr, cqe_size) == 36, "cqe_size offset");
+_Static_assert(offsetof(struct kv_seg_hdr, sq_ctl_off) == 40, "sq_ctl_off offset");
+_Static_assert(offsetof(struct kv_seg_hdr, cq_ctl_off) == 44, "cq_ctl_off offset");
+_Static_assert(offsetof(struct kv_seg_hdr, sq_off) == 48, "sq_off offset");
+_Static_assert(offsetof(struct kv_seg_hdr, cq_off) == 52, "cq_off offset");
+
+#define KV_SQ_CTL_OFF 256u
+#define KV_CQ_CTL_OFF (KV_SQ_CTL_OFF + (uint32_t)sizeof(struct kv_ring_ctl))
+#define KV_SQ_OFF 1024u
+_Static_assert(KV_CQ_CTL_OFF + sizeof(struct kv_ring_ctl) <= KV_SQ_OFF, "ring ctl fits");
+_Static_assert(KV_SQ_CTL_OFF % KV_CACHELINE == 0 && KV_CQ_CTL_OFF % KV_CACHELINE == 0,
+	       "ring ctl aligned");
+
+/* Where an op's data lives: a segment id handed out by kvd and a byte offset. */
+#define KV_SEG_NONE 0xffffffffu
+struct kv_loc {
+	uint32_t seg;
+	uint32_t rsvd;
+	uint64_t off;
+};
+_Static_assert(sizeof(struct kv_loc) == 16, "loc size");
+_Static_assert(offsetof(struct kv_loc, off) == 8, "loc off offset");
+
+enum kv_op {
+	KV_OP_NOP = 0,
+	KV_OP_INIT = 1,     /* in: rank 0's value; out: optional copy of the stored value */
+	KV_OP_PUSH = 2,     /* in: contribution */
+	KV_OP_PULL = 3,     /* out: the value after this rank's earlier pushes */
+	KV_OP_PUSHPULL = 4, /* in: contribution; out: the round's result */
+	KV_OP_BCAST = 5,    /* in: rank 0's value (others: none); out: the value */
+	KV_OP_CANCEL = 6,   /* user_data: the op to cancel; no completion of its own */
+	KV_OP_MAX = 7,
+};
+
+/* A submission: one part of one op on one key.  Written by the client. */
+struct kv_sqe {
+	uint8_t op;       /* enum kv_op */
+	uint8_t dtype;    /* kv_dtype */
+	uint16_t flags;
+	int32_t priority; /* higher first among ready rounds */
+	uint32_t key;     /* key id from KV_MSG_KEY */
+	uint32_t part;    /* part index, < the key's nparts */
+	uint64_t user_data;
+	uint64_t count; /* element count of the whole key: checked against the key */
+	struct kv_loc in;
+	struct kv_loc out;
+};
+_Static_assert(sizeof(struct kv_sqe) == 64, "sqe size");
+_Static_assert(offsetof(struct kv_sqe, priority) == 4, "sqe priority offset");
+_Static_assert(offsetof(struct kv_sqe, key) == 8, "sqe key offset");
+_Static_assert(offsetof(struct kv_sqe, part) == 12, "sqe part offset");
+_Static_assert(offsetof(struct kv_sqe, user_data) == 16, "sqe user_data offset");
+_Static_assert(offsetof(struct kv_sqe, count) == 24, "sqe count offset");
+_Static_assert(offsetof(struct kv_sqe, in) == 32, "sqe in offset");
+_Static_assert(offsetof(struct kv_sqe, out) == 48, "sqe out offset");
+
+/* A completion: the status of one part.  Written by kvd. */
+struct kv_cqe {
+	uint64_t user_data;
+	int32_t status; /* KV_OK or a KV_ERR_* code */
+	uint32_t part;
+	uint64_t round; /* rounds completed on this part, this one included */
+	uint64_t rsvd;
+};
+_Static_assert(sizeof(struct kv_cqe) == 32, "cqe size");
+_Static_assert(offsetof(struct kv_cqe, status) == 8, "cqe status offset");
+_Static_assert(offsetof(struct kv_cqe, part) == 12, "cqe part offset");
+_Static_assert(offsetof(struct kv_cqe, round) == 16, "cqe round offset");
+
+/* Size of a ring segment with the given (power-of-two) entry counts. */
+static inline uint64_t kv_ring_seg_size(uint32_t sq_entries, uint32_t cq_entries)
+{
+	uint64_t end = KV_SQ_OFF + (uint64_t)sq_entries * sizeof(struct kv_sqe) +
+		       (uint64_t)cq_entries * sizeof(struct kv_cqe);
+	return (end + 4095) & ~(uint64_t)4095;
+}
+
+#endif /* KV_SHM_LAYOUT_H */
