@@ -101,13 +101,13 @@ TOOLS := $(patsubst tools/%.c,%,$(filter-out tools/common.c,$(wildcard tools/*.c
 TOOL_COMMON := $(call obj,$(wildcard tools/common.c))
 BINS := $(if $(wildcard daemon/main.c),$(B)/bin/kvd) $(addprefix $(B)/bin/,$(TOOLS))
 EXAMPLES := $(patsubst examples/%.c,$(B)/examples/%,$(wildcard examples/*.c))
-TESTBIN := $(B)/tests/kvtest
-GPU_TESTBIN := $(if $(GPU_TEST_SRC),$(B)/tests/kvtest-gpu)
+TESTBIN := $(if $(filter thread,$(SAN)),,$(B)/tests/kvtest)
+GPU_TESTBIN := $(if $(GPU_TEST_SRC),$(if $(filter thread,$(SAN)),,$(B)/tests/kvtest-gpu))
 
 ALL_OBJ := $(SHM_OBJ) $(KERN_OBJ) $(DAEMON_OBJ) $(CLIENT_OBJ) $(TEST_OBJ) $(GPU_TEST_OBJ) \
 	   $(TOOL_COMMON) $(call obj,$(wildcard daemon/main.c tools/*.c examples/*.c))
 
-.PHONY: all deps check test format install uninstall clean cuda-notice
+.PHONY: all deps check test demo format install uninstall clean cuda-notice
 all: $(LIB_SO) $(LIB_A) $(BINS) $(EXAMPLES) $(TESTBIN) $(GPU_TESTBIN) | cuda-notice
 
 cuda-notice:
@@ -180,13 +180,31 @@ $(B)/tests/kvtest-gpu: $(GPU_TEST_OBJ) $(LIB_A)
 # ---------------------------------------------------------------- tests
 # KVTEST_ARGS passes options to Criterion (e.g. --filter 'ring/*').
 KVTEST_ARGS ?=
+ifeq ($(SAN),thread)
+# Criterion's runner cannot start under TSan (Criterion issue #274), so the
+# test binary comes from the plain build and drives kvd, the tools and the
+# example built with TSan; the harness fails a test when kvd does not exit 0
+# (TSan makes it exit 66 after a report).
+check: all
+	$(Q)$(MAKE) --no-print-directory SAN= all
+	$(Q)KVD_BIN_DIR=$(abspath $(B)/bin) KVD_BUILD=$(abspath $(B)) \
+		build/tests/kvtest --jobs 2 $(KVTEST_ARGS)
+	$(Q)TSAN_OPTIONS=halt_on_error=1 $(B)/bin/kvrun -n 4 --kvd-log $(B)/demo-kvd.log \
+		$(B)/examples/train_linreg --epochs 5 | tail -1 && \
+		! grep -q ThreadSanitizer $(B)/demo-kvd.log
+else
 check: all
 	$(Q)KVD_BIN_DIR=$(abspath $(B)/bin) KVD_BUILD=$(abspath $(B)) \
 		$(TESTBIN) --jobs 2 $(KVTEST_ARGS)
 ifneq ($(GPU_TESTBIN),)
 	$(Q)$(GPU_TESTBIN) --jobs 1
 endif
+endif
 test: check
+
+# The main job end to end: 4 ranks train a linear model through kvd.
+demo: all
+	$(Q)$(B)/bin/kvrun -n 4 $(B)/examples/train_linreg
 
 # ---------------------------------------------------------------- misc
 FORMAT_SRC := $(wildcard include/*.h shm/*.[ch] kernels/*.[ch] kernels/*.cu daemon/*.[ch] \

@@ -649,8 +649,8 @@ static void *worker_main(void *arg)
 		t->next = e->done;
 		e->done = t;
 		pthread_mutex_unlock(&e->qlock);
-		/* pairs with the fence in engine_sleep(): one of us sees the other */
-		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		/* qlock orders this against engine_sleep(): if the engine checked the
+		 * done list before we pushed, its sleeping=1 is visible to us now */
 		if (__atomic_load_n(&e->sleeping, __ATOMIC_RELAXED)) {
 			uint64_t one = 1;
 			(void)!write(e->doorbell, &one, sizeof(one));
@@ -977,7 +977,7 @@ static void job_fail_pending(struct engine *e, struct job *j, int gone_rank, int
 {
 	int n = j->num_workers;
 
-	for (uint32_t id = 0; id < j->nkeys; id++) {
+	for (uint32_t id = 0, nk = job_nkeys(j); id < nk; id++) {
 		struct key *k = job_key(j, id);
 		for (uint32_t pi = 0; pi < k->nparts; pi++) {
 			struct part *p = &k->parts[pi];
@@ -1080,7 +1080,7 @@ static void job_maybe_free(struct engine *e, struct job *j)
 			return;
 	heap_purge(e, j);
 	kvd_log("job '%s' ended", j->name);
-	job_free(j);
+	job_free(e->d, j);
 }
 
 static void start_held(struct engine *e, struct job *j)
@@ -1109,7 +1109,7 @@ static void on_join(struct engine *e, struct client *c)
 		start_held(e, j);
 	}
 	/* the new rank's part queues start empty; submitted counts restart at the part's rounds */
-	for (uint32_t id = 0; id < j->nkeys; id++) {
+	for (uint32_t id = 0, nk = job_nkeys(j); id < nk; id++) {
 		struct key *k = job_key(j, id);
 		for (uint32_t pi = 0; pi < k->nparts; pi++) {
 			struct part *p = &k->parts[pi];
@@ -1132,7 +1132,7 @@ static void on_leave(struct engine *e, struct client *c, bool last)
 	client_drop_pending(e, c);
 	c->left = true;
 	/* a process that takes this rank back may init its keys again */
-	for (uint32_t id = 0; id < j->nkeys; id++) {
+	for (uint32_t id = 0, nk = job_nkeys(j); id < nk; id++) {
 		struct key *k = job_key(j, id);
 		for (uint32_t pi = 0; pi < k->nparts; pi++)
 			k->parts[pi].inited[c->rank] = 0;
@@ -1209,10 +1209,12 @@ static void engine_sleep(struct engine *e)
 {
 	uint64_t v;
 
+	/* queues: the worker or control thread that pushes after our check in
+	 * engine_has_work() (under qlock) sees sleeping=1; rings: the seq_cst
+	 * handshake of ring_set_sleeping() and the producer's tail store */
 	__atomic_store_n(&e->sleeping, 1, __ATOMIC_RELAXED);
 	for (struct client *c = e->clients; c; c = c->next)
-		ring_set_sleeping(&c->sq, true); /* includes the full fence */
-	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+		ring_set_sleeping(&c->sq, true);
 	if (!engine_has_work(e)) {
 		ssize_t n;
 		do
@@ -1307,7 +1309,7 @@ void engine_free_all(struct kvd *d)
 		overflow_free(c);
 		client_free(d, c);
 		if (--j->eng_present == 0)
-			job_free(j);
+			job_free(d, j);
 	}
 	free(e->heap);
 	close(e->doorbell);

@@ -201,7 +201,7 @@ static void key_free(struct key *k, int num_workers)
 	free(k);
 }
 
-void job_free(struct job *j)
+void job_free(struct kvd *d, struct job *j)
 {
 	for (uint32_t i = 0; i < j->nkeys; i++)
 		key_free(j->dir[i / KEY_BLOCK][i % KEY_BLOCK], j->num_workers);
@@ -210,6 +210,7 @@ void job_free(struct job *j)
 	for (uint32_t i = 0; i < j->nvalue_segs; i++) {
 		seg_unmap(j->value_segs[i].base, j->value_segs[i].size);
 		close(j->value_segs[i].fd);
+		job_uncharge(d, j, j->value_segs[i].size);
 	}
 	free(j->value_segs);
 	arena_fini(&j->values);

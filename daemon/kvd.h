@@ -189,7 +189,11 @@ uint64_t kvd_now_ns(void);
 /* job.c - jobs, keys and accounting (control thread unless noted) */
 struct job *job_find(struct kvd *d, const char *name); /* under kvd.lock */
 struct job *job_create(struct kvd *d, const char *name, uid_t uid, int num_workers);
-void job_free(struct job *j); /* engine, when gone and idle */
+void job_free(struct kvd *d, struct job *j); /* engine, when gone and idle */
+static inline uint32_t job_nkeys(struct job *j)
+{
+	return __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE); /* pairs with job_key_open */
+}
 static inline struct key *job_key(struct job *j, uint32_t id)
 {
 	uint32_t n = __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE); /* pairs with job_key_create */

@@ -15,13 +15,15 @@
  *    which is what makes "out == ins[k]" safe for any k.
  *  - f16 and bf16 widen to f32, add in f32 (left to right), and round once.
  *
- * Each kernel exists in up to three variants: portable C that gcc vectorises
- * for the x86-64 baseline (SSE2), the same C compiled for AVX2 (+F16C
- * intrinsics for f16), and for AVX-512F.  The variants are picked once, from
- * what the CPU and OS support, through a table of function pointers, so a
- * binary built for any x86-64 runs everywhere.  Every variant is bit-exact
- * with the others: the adds happen in the same order, and the conversions
- * round to nearest even whatever the MXCSR rounding mode says.
+ * Each kernel exists in three variants: portable C that gcc vectorises for
+ * the x86-64 baseline (SSE2) or whatever the target is, the same C compiled
+ * for AVX2 and for AVX-512F, and for f16 and bf16 intrinsics (F16C for f16,
+ * integer lanes for bf16) at those two widths.  The variant is picked once,
+ * from what the CPU and OS support, through a table of function pointers,
+ * so a binary built for any x86-64 runs everywhere.  Every variant gives the
+ * same bits: the adds happen in the same order, and the conversions round
+ * to nearest even (the f32 adds follow MXCSR, which kvd leaves at its
+ * default).
  *
  * The inner loops run over CHUNK elements at a time: a trip count the
  * vectoriser knows, so gcc's -O2 cost model ("very cheap") vectorises them
@@ -45,8 +47,8 @@
 #include "reduce_cuda.h"
 #endif
 
-#define CHUNK 64           /* elements per inner loop */
-#define BLOCK_BYTES 8192   /* the stack accumulator of the blocked path */
+#define CHUNK	      64   /* elements per inner loop */
+#define BLOCK_BYTES   8192 /* the stack accumulator of the blocked path */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* ------------------------------------------------------------ conversions */
@@ -80,7 +82,8 @@ float half_to_float(uint16_t h)
 		return f32_from_bits(sign);
 	/* subnormal: man * 2^-24; normalise so the leading 1 sits at bit 10 */
 	int shift = __builtin_clz(man) - 21;
-	return f32_from_bits(sign | ((uint32_t)(113 - shift) << 23) | ((man << shift) & 0x3ffu) << 13);
+	return f32_from_bits(sign | ((uint32_t)(113 - shift) << 23) |
+			     ((man << shift) & 0x3ffu) << 13);
 }
 
 uint16_t float_to_half(float f)
@@ -121,7 +124,7 @@ ALWAYS_INLINE uint16_t bf16_narrow(float f)
 {
 	uint32_t x = f32_bits(f);
 	uint32_t r = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16; /* overflow carries into inf */
-	uint32_t q = (x >> 16) | 0x40u;                     /* NaN: keep it, quiet */
+	uint32_t q = (x >> 16) | 0x40u;			     /* NaN: keep it, quiet */
 	return (uint16_t)((x & 0x7fffffffu) > 0x7f800000u ? q : r);
 }
 
@@ -135,6 +138,53 @@ uint16_t float_to_bf16(float f)
 	return bf16_narrow(f);
 }
 
+/*
+ * The f16 conversions again, without branches, for the portable kernels to
+ * vectorise (on CPUs without F16C, and on other architectures).  Same bits
+ * as half_to_float/float_to_half (the tests run both), except that the
+ * subnormal case of float_to_half rounds with an f32 add: like every f32
+ * sum in this file it assumes the default rounding mode.
+ */
+ALWAYS_INLINE float f16_widen(uint16_t h)
+{
+	uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+	uint32_t em = h & 0x7fffu;
+	uint32_t normal = (em << 13) + (112u << 23);
+	uint32_t special = (em << 13) | 0x7f800000u | (em > 0x7c00u) << 22;
+	uint32_t sub = f32_bits((float)(int32_t)em * 0x1p-24f); /* exact: em < 1024 there */
+	uint32_t is_special = -(uint32_t)(em >= 0x7c00u), is_sub = -(uint32_t)(em < 0x400u);
+	uint32_t r = (special & is_special) | (normal & ~is_special);
+	return f32_from_bits(sign | (sub & is_sub) | (r & ~is_sub));
+}
+
+ALWAYS_INLINE uint16_t f16_narrow(float f)
+{
+	uint32_t x = f32_bits(f);
+	uint32_t sign = (x >> 16) & 0x8000u;
+	uint32_t a = x & 0x7fffffffu;
+	uint32_t normal = (a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+	/* below 2^-14: 0.5 + a puts a's multiple of 2^-24, rounded to even, in the low bits */
+	uint32_t sub = f32_bits(f32_from_bits(a) + 0.5f) - 0x3f000000u;
+	uint32_t nan = 0x7e00u | ((a >> 13) & 0x3ffu);
+	uint32_t is_sub = -(uint32_t)(a < 0x38800000u), is_inf = -(uint32_t)(a >= 0x477ff000u);
+	uint32_t is_nan = -(uint32_t)(a > 0x7f800000u);
+	uint32_t r = (sub & is_sub) | (normal & ~is_sub);
+	r = (0x7c00u & is_inf) | (r & ~is_inf);
+	r = (nan & is_nan) | (r & ~is_nan);
+	return (uint16_t)(sign | r);
+}
+
+/* bf: a constant after inlining, so each wrapper keeps one of the two */
+ALWAYS_INLINE float h_widen(uint16_t h, bool bf)
+{
+	return bf ? bf16_widen(h) : f16_widen(h);
+}
+
+ALWAYS_INLINE uint16_t h_narrow(float f, bool bf)
+{
+	return bf ? bf16_narrow(f) : f16_narrow(f);
+}
+
 /* ------------------------------------------------------------ loop bodies */
 
 /*
@@ -142,26 +192,30 @@ uint16_t float_to_bf16(float f)
  * attribute decides the instruction set the body is vectorised for.
  *   add(o, a, b):  o = a + b, o disjoint from a and b
  *   acc(io, b):    io = io + b, io disjoint from b
+ * and for f16 and bf16 also the three steps of the blocked path:
+ *   widen2(acc, a, b):  acc = a + b in f32
+ *   widen_acc(acc, x):  acc += x
+ *   narrow(o, acc):     o = acc rounded
  */
-#define PLAIN_BODIES(sfx, T)                                                                       \
-	ALWAYS_INLINE void add_##sfx##_body(T *restrict o, const T *restrict a,                    \
-					    const T *restrict b, size_t n)                         \
-	{                                                                                          \
-		size_t i = 0;                                                                      \
-		for (; n - i >= CHUNK; i += CHUNK)                                                 \
-			for (size_t k = 0; k < CHUNK; k++)                                         \
-				o[i + k] = a[i + k] + b[i + k];                                    \
-		for (; i < n; i++)                                                                 \
-			o[i] = a[i] + b[i];                                                        \
-	}                                                                                          \
-	ALWAYS_INLINE void acc_##sfx##_body(T *restrict io, const T *restrict b, size_t n)         \
-	{                                                                                          \
-		size_t i = 0;                                                                      \
-		for (; n - i >= CHUNK; i += CHUNK)                                                 \
-			for (size_t k = 0; k < CHUNK; k++)                                         \
-				io[i + k] += b[i + k];                                             \
-		for (; i < n; i++)                                                                 \
-			io[i] += b[i];                                                             \
+#define PLAIN_BODIES(sfx, T)                                                               \
+	ALWAYS_INLINE void add_##sfx##_body(T *restrict o, const T *restrict a,            \
+					    const T *restrict b, size_t n)                 \
+	{                                                                                  \
+		size_t i = 0;                                                              \
+		for (; n - i >= CHUNK; i += CHUNK)                                         \
+			for (size_t k = 0; k < CHUNK; k++)                                 \
+				o[i + k] = a[i + k] + b[i + k];                            \
+		for (; i < n; i++)                                                         \
+			o[i] = a[i] + b[i];                                                \
+	}                                                                                  \
+	ALWAYS_INLINE void acc_##sfx##_body(T *restrict io, const T *restrict b, size_t n) \
+	{                                                                                  \
+		size_t i = 0;                                                              \
+		for (; n - i >= CHUNK; i += CHUNK)                                         \
+			for (size_t k = 0; k < CHUNK; k++)                                 \
+				io[i + k] += b[i + k];                                     \
+		for (; i < n; i++)                                                         \
+			io[i] += b[i];                                                     \
 	}
 
 /* Integers add as uint32_t/uint64_t: wrapping is defined, and two's complement makes it
@@ -171,56 +225,57 @@ PLAIN_BODIES(f64, double)
 PLAIN_BODIES(u32, uint32_t)
 PLAIN_BODIES(u64, uint64_t)
 
-ALWAYS_INLINE void add_bf16_body(uint16_t *restrict o, const uint16_t *restrict a,
-				 const uint16_t *restrict b, size_t n)
+ALWAYS_INLINE void add_h_body(uint16_t *restrict o, const uint16_t *restrict a,
+			      const uint16_t *restrict b, size_t n, bool bf)
 {
 	size_t i = 0;
 	for (; n - i >= CHUNK; i += CHUNK)
 		for (size_t k = 0; k < CHUNK; k++)
-			o[i + k] = bf16_narrow(bf16_widen(a[i + k]) + bf16_widen(b[i + k]));
+			o[i + k] = h_narrow(h_widen(a[i + k], bf) + h_widen(b[i + k], bf), bf);
 	for (; i < n; i++)
-		o[i] = bf16_narrow(bf16_widen(a[i]) + bf16_widen(b[i]));
+		o[i] = h_narrow(h_widen(a[i], bf) + h_widen(b[i], bf), bf);
 }
 
-ALWAYS_INLINE void acc_bf16_body(uint16_t *restrict io, const uint16_t *restrict b, size_t n)
+ALWAYS_INLINE void acc_h_body(uint16_t *restrict io, const uint16_t *restrict b, size_t n, bool bf)
 {
 	size_t i = 0;
 	for (; n - i >= CHUNK; i += CHUNK)
 		for (size_t k = 0; k < CHUNK; k++)
-			io[i + k] = bf16_narrow(bf16_widen(io[i + k]) + bf16_widen(b[i + k]));
+			io[i + k] = h_narrow(h_widen(io[i + k], bf) + h_widen(b[i + k], bf), bf);
 	for (; i < n; i++)
-		io[i] = bf16_narrow(bf16_widen(io[i]) + bf16_widen(b[i]));
+		io[i] = h_narrow(h_widen(io[i], bf) + h_widen(b[i], bf), bf);
 }
 
-ALWAYS_INLINE void widen2_bf16_body(float *restrict acc, const uint16_t *restrict a,
-				    const uint16_t *restrict b, size_t n)
+ALWAYS_INLINE void widen2_h_body(float *restrict acc, const uint16_t *restrict a,
+				 const uint16_t *restrict b, size_t n, bool bf)
 {
 	size_t i = 0;
 	for (; n - i >= CHUNK; i += CHUNK)
 		for (size_t k = 0; k < CHUNK; k++)
-			acc[i + k] = bf16_widen(a[i + k]) + bf16_widen(b[i + k]);
+			acc[i + k] = h_widen(a[i + k], bf) + h_widen(b[i + k], bf);
 	for (; i < n; i++)
-		acc[i] = bf16_widen(a[i]) + bf16_widen(b[i]);
+		acc[i] = h_widen(a[i], bf) + h_widen(b[i], bf);
 }
 
-ALWAYS_INLINE void widen_acc_bf16_body(float *restrict acc, const uint16_t *restrict x, size_t n)
+ALWAYS_INLINE void widen_acc_h_body(float *restrict acc, const uint16_t *restrict x, size_t n,
+				    bool bf)
 {
 	size_t i = 0;
 	for (; n - i >= CHUNK; i += CHUNK)
 		for (size_t k = 0; k < CHUNK; k++)
-			acc[i + k] += bf16_widen(x[i + k]);
+			acc[i + k] += h_widen(x[i + k], bf);
 	for (; i < n; i++)
-		acc[i] += bf16_widen(x[i]);
+		acc[i] += h_widen(x[i], bf);
 }
 
-ALWAYS_INLINE void narrow_bf16_body(uint16_t *restrict o, const float *restrict acc, size_t n)
+ALWAYS_INLINE void narrow_h_body(uint16_t *restrict o, const float *restrict acc, size_t n, bool bf)
 {
 	size_t i = 0;
 	for (; n - i >= CHUNK; i += CHUNK)
 		for (size_t k = 0; k < CHUNK; k++)
-			o[i + k] = bf16_narrow(acc[i + k]);
+			o[i + k] = h_narrow(acc[i + k], bf);
 	for (; i < n; i++)
-		o[i] = bf16_narrow(acc[i]);
+		o[i] = h_narrow(acc[i], bf);
 }
 
 /* ------------------------------------------------------------ variants */
@@ -242,304 +297,222 @@ struct cpu_kernels {
 };
 enum { HALF_F16 = 0, HALF_BF16 = 1 };
 
-#define GENERIC_WRAPPERS(lvl, ATTR)                                                                \
-	ATTR static void add_f32_##lvl(void *o, const void *a, const void *b, size_t n)            \
-	{                                                                                          \
-		add_f32_body(o, a, b, n);                                                          \
-	}                                                                                          \
-	ATTR static void add_f64_##lvl(void *o, const void *a, const void *b, size_t n)            \
-	{                                                                                          \
-		add_f64_body(o, a, b, n);                                                          \
-	}                                                                                          \
-	ATTR static void add_u32_##lvl(void *o, const void *a, const void *b, size_t n)            \
-	{                                                                                          \
-		add_u32_body(o, a, b, n);                                                          \
-	}                                                                                          \
-	ATTR static void add_u64_##lvl(void *o, const void *a, const void *b, size_t n)            \
-	{                                                                                          \
-		add_u64_body(o, a, b, n);                                                          \
-	}                                                                                          \
-	ATTR static void add_bf16_##lvl(void *o, const void *a, const void *b, size_t n)           \
-	{                                                                                          \
-		add_bf16_body(o, a, b, n);                                                         \
-	}                                                                                          \
-	ATTR static void acc_f32_##lvl(void *io, const void *b, size_t n)                          \
-	{                                                                                          \
-		acc_f32_body(io, b, n);                                                            \
-	}                                                                                          \
-	ATTR static void acc_f64_##lvl(void *io, const void *b, size_t n)                          \
-	{                                                                                          \
-		acc_f64_body(io, b, n);                                                            \
-	}                                                                                          \
-	ATTR static void acc_u32_##lvl(void *io, const void *b, size_t n)                          \
-	{                                                                                          \
-		acc_u32_body(io, b, n);                                                            \
-	}                                                                                          \
-	ATTR static void acc_u64_##lvl(void *io, const void *b, size_t n)                          \
-	{                                                                                          \
-		acc_u64_body(io, b, n);                                                            \
-	}                                                                                          \
-	ATTR static void acc_bf16_##lvl(void *io, const void *b, size_t n)                         \
-	{                                                                                          \
-		acc_bf16_body(io, b, n);                                                           \
-	}                                                                                          \
-	ATTR static void widen2_bf16_##lvl(float *acc, const void *a, const void *b, size_t n)     \
-	{                                                                                          \
-		widen2_bf16_body(acc, a, b, n);                                                    \
-	}                                                                                          \
-	ATTR static void widen_acc_bf16_##lvl(float *acc, const void *x, size_t n)                 \
-	{                                                                                          \
-		widen_acc_bf16_body(acc, x, n);                                                    \
-	}                                                                                          \
-	ATTR static void narrow_bf16_##lvl(void *o, const float *acc, size_t n)                    \
-	{                                                                                          \
-		narrow_bf16_body(o, acc, n);                                                       \
+#define PLAIN_WRAPPERS(lvl, ATTR, sfx)                                                      \
+	ATTR static void add_##sfx##_##lvl(void *o, const void *a, const void *b, size_t n) \
+	{                                                                                   \
+		add_##sfx##_body(o, a, b, n);                                               \
+	}                                                                                   \
+	ATTR static void acc_##sfx##_##lvl(void *io, const void *b, size_t n)               \
+	{                                                                                   \
+		acc_##sfx##_body(io, b, n);                                                 \
 	}
 
-GENERIC_WRAPPERS(portable, )
+#define PLAIN_VARIANT(lvl, ATTR)       \
+	PLAIN_WRAPPERS(lvl, ATTR, f32) \
+	PLAIN_WRAPPERS(lvl, ATTR, f64) \
+	PLAIN_WRAPPERS(lvl, ATTR, u32) \
+	PLAIN_WRAPPERS(lvl, ATTR, u64)
 
-/* f16 without F16C: the integer conversions, one element at a time. */
-static void add_f16_portable(void *o_, const void *a_, const void *b_, size_t n)
-{
-	uint16_t *o = o_;
-	const uint16_t *a = a_, *b = b_;
-	for (size_t i = 0; i < n; i++)
-		o[i] = float_to_half(half_to_float(a[i]) + half_to_float(b[i]));
-}
+#define HALF_WRAPPERS(lvl, ATTR, sfx, bf)                                                         \
+	ATTR static void add_##sfx##_##lvl(void *o, const void *a, const void *b, size_t n)       \
+	{                                                                                         \
+		add_h_body(o, a, b, n, bf);                                                       \
+	}                                                                                         \
+	ATTR static void acc_##sfx##_##lvl(void *io, const void *b, size_t n)                     \
+	{                                                                                         \
+		acc_h_body(io, b, n, bf);                                                         \
+	}                                                                                         \
+	ATTR static void widen2_##sfx##_##lvl(float *acc, const void *a, const void *b, size_t n) \
+	{                                                                                         \
+		widen2_h_body(acc, a, b, n, bf);                                                  \
+	}                                                                                         \
+	ATTR static void widen_acc_##sfx##_##lvl(float *acc, const void *x, size_t n)             \
+	{                                                                                         \
+		widen_acc_h_body(acc, x, n, bf);                                                  \
+	}                                                                                         \
+	ATTR static void narrow_##sfx##_##lvl(void *o, const float *acc, size_t n)                \
+	{                                                                                         \
+		narrow_h_body(o, acc, n, bf);                                                     \
+	}
 
-static void acc_f16_portable(void *io, const void *b, size_t n)
-{
-	add_f16_portable(io, io, b, n);
-}
-
-static void widen2_f16_portable(float *acc, const void *a_, const void *b_, size_t n)
-{
-	const uint16_t *a = a_, *b = b_;
-	for (size_t i = 0; i < n; i++)
-		acc[i] = half_to_float(a[i]) + half_to_float(b[i]);
-}
-
-static void widen_acc_f16_portable(float *acc, const void *x_, size_t n)
-{
-	const uint16_t *x = x_;
-	for (size_t i = 0; i < n; i++)
-		acc[i] += half_to_float(x[i]);
-}
-
-static void narrow_f16_portable(void *o_, const float *acc, size_t n)
-{
-	uint16_t *o = o_;
-	for (size_t i = 0; i < n; i++)
-		o[i] = float_to_half(acc[i]);
-}
+PLAIN_VARIANT(portable, )
+HALF_WRAPPERS(portable, , f16, false)
+HALF_WRAPPERS(portable, , bf16, true)
 
 #if REDUCE_X86
-#define TARGET_AVX2 __attribute__((target("avx2,f16c")))
+#define TARGET_AVX2   __attribute__((target("avx2,f16c")))
 #define TARGET_AVX512 __attribute__((target("avx512f,avx2,f16c")))
 
-GENERIC_WRAPPERS(avx2, TARGET_AVX2)
-GENERIC_WRAPPERS(avx512, TARGET_AVX512)
+PLAIN_VARIANT(avx2, TARGET_AVX2)
+PLAIN_VARIANT(avx512, TARGET_AVX512)
 
 /*
- * f16 with F16C.  The conversions round to nearest even by the immediate,
- * not by MXCSR.  Tails go through a zero-padded copy so that they take the
- * same instructions as the body.  o may equal a or b: each step loads
- * before it stores, element for element.
+ * f16 and bf16 with intrinsics: F16C converts f16 (rounding to nearest even
+ * by the immediate, not by MXCSR); bf16 is the bit arithmetic of
+ * bf16_narrow on 8 or 16 lanes.  Tails go through a zero-padded copy so
+ * that they take the same instructions as the body.  o may equal a or b:
+ * each step loads before it stores, element for element.
  */
 #define RN _MM_FROUND_TO_NEAREST_INT
 
-TARGET_AVX2 static inline __m256 ld8h(const uint16_t *p)
+TARGET_AVX2 ALWAYS_INLINE __m256 ld8(const uint16_t *p, bool bf)
 {
-	return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+	__m128i v = _mm_loadu_si128((const __m128i *)p);
+	if (bf)
+		return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+	return _mm256_cvtph_ps(v);
 }
 
-TARGET_AVX2 static inline void st8h(uint16_t *p, __m256 v)
+TARGET_AVX2 ALWAYS_INLINE void st8(uint16_t *p, __m256 v, bool bf)
 {
-	_mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, RN));
-}
-
-TARGET_AVX2 static void add_f16_avx2(void *o_, const void *a_, const void *b_, size_t n)
-{
-	uint16_t *o = o_;
-	const uint16_t *a = a_, *b = b_;
-	size_t i = 0;
-
-	for (; n - i >= 16; i += 16) {
-		__m256 x0 = ld8h(a + i), x1 = ld8h(a + i + 8);
-		__m256 y0 = ld8h(b + i), y1 = ld8h(b + i + 8);
-		st8h(o + i, _mm256_add_ps(x0, y0));
-		st8h(o + i + 8, _mm256_add_ps(x1, y1));
+	if (!bf) {
+		_mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, RN));
+		return;
 	}
-	for (; i < n; i += 8) {
-		uint16_t ta[8] = {0}, tb[8] = {0}, to[8];
-		size_t m = n - i < 8 ? n - i : 8;
-		memcpy(ta, a + i, m * 2);
-		memcpy(tb, b + i, m * 2);
-		st8h(to, _mm256_add_ps(ld8h(ta), ld8h(tb)));
-		memcpy(o + i, to, m * 2);
+	__m256i u = _mm256_castps_si256(v);
+	__m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+	__m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+	__m256i q = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+	__m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+	r = _mm256_srli_epi32(_mm256_blendv_epi8(r, q, nan), 16);
+	/* every lane fits 16 bits: the unsigned saturation never bites */
+	_mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r),
+							_mm256_extracti128_si256(r, 1)));
+}
+
+TARGET_AVX512 ALWAYS_INLINE __m512 ld16(const uint16_t *p, bool bf)
+{
+	__m256i v = _mm256_loadu_si256((const __m256i *)p);
+	if (bf)
+		return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+	return _mm512_cvtph_ps(v);
+}
+
+TARGET_AVX512 ALWAYS_INLINE void st16(uint16_t *p, __m512 v, bool bf)
+{
+	if (!bf) {
+		_mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(v, RN));
+		return;
 	}
+	__m512i u = _mm512_castps_si512(v);
+	__m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+	__m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+	__mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+	r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+	_mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
 }
 
-TARGET_AVX2 static void acc_f16_avx2(void *io, const void *b, size_t n)
-{
-	add_f16_avx2(io, io, b, n);
-}
-
-TARGET_AVX2 static void widen2_f16_avx2(float *acc, const void *a_, const void *b_, size_t n)
-{
-	const uint16_t *a = a_, *b = b_;
-	size_t i = 0;
-
-	for (; n - i >= 8; i += 8)
-		_mm256_storeu_ps(acc + i, _mm256_add_ps(ld8h(a + i), ld8h(b + i)));
-	if (i < n) {
-		uint16_t ta[8] = {0}, tb[8] = {0};
-		float to[8];
-		memcpy(ta, a + i, (n - i) * 2);
-		memcpy(tb, b + i, (n - i) * 2);
-		_mm256_storeu_ps(to, _mm256_add_ps(ld8h(ta), ld8h(tb)));
-		memcpy(acc + i, to, (n - i) * 4);
+/*
+ * The same five kernels for both widths.  W: lanes; VEC/LD/ST/ADD/LDF/STF:
+ * the vector type and its operations.
+ */
+#define HALF_SIMD(lvl, ATTR, W, VEC, LD, ST, ADD, LDF, STF)                                      \
+	ATTR ALWAYS_INLINE void add_h_##lvl(uint16_t *o, const uint16_t *a, const uint16_t *b,   \
+					    size_t n, bool bf)                                   \
+	{                                                                                        \
+		size_t i = 0;                                                                    \
+		for (; n - i >= 2 * W; i += 2 * W) {                                             \
+			VEC x0 = LD(a + i, bf), x1 = LD(a + i + W, bf);                          \
+			VEC y0 = LD(b + i, bf), y1 = LD(b + i + W, bf);                          \
+			ST(o + i, ADD(x0, y0), bf);                                              \
+			ST(o + i + W, ADD(x1, y1), bf);                                          \
+		}                                                                                \
+		for (; i < n; i += W) {                                                          \
+			uint16_t ta[W] = {0}, tb[W] = {0}, to[W];                                \
+			size_t m = n - i < W ? n - i : W;                                        \
+			memcpy(ta, a + i, m * 2);                                                \
+			memcpy(tb, b + i, m * 2);                                                \
+			ST(to, ADD(LD(ta, bf), LD(tb, bf)), bf);                                 \
+			memcpy(o + i, to, m * 2);                                                \
+		}                                                                                \
+	}                                                                                        \
+	ATTR ALWAYS_INLINE void widen2_h_##lvl(float *acc, const uint16_t *a, const uint16_t *b, \
+					       size_t n, bool bf)                                \
+	{                                                                                        \
+		size_t i = 0;                                                                    \
+		for (; n - i >= W; i += W)                                                       \
+			STF(acc + i, ADD(LD(a + i, bf), LD(b + i, bf)));                         \
+		if (i < n) {                                                                     \
+			uint16_t ta[W] = {0}, tb[W] = {0};                                       \
+			float to[W];                                                             \
+			memcpy(ta, a + i, (n - i) * 2);                                          \
+			memcpy(tb, b + i, (n - i) * 2);                                          \
+			STF(to, ADD(LD(ta, bf), LD(tb, bf)));                                    \
+			memcpy(acc + i, to, (n - i) * 4);                                        \
+		}                                                                                \
+	}                                                                                        \
+	ATTR ALWAYS_INLINE void widen_acc_h_##lvl(float *acc, const uint16_t *x, size_t n,       \
+						  bool bf)                                       \
+	{                                                                                        \
+		size_t i = 0;                                                                    \
+		for (; n - i >= W; i += W)                                                       \
+			STF(acc + i, ADD(LDF(acc + i), LD(x + i, bf)));                          \
+		if (i < n) {                                                                     \
+			uint16_t tx[W] = {0};                                                    \
+			float ta[W] = {0};                                                       \
+			memcpy(tx, x + i, (n - i) * 2);                                          \
+			memcpy(ta, acc + i, (n - i) * 4);                                        \
+			STF(ta, ADD(LDF(ta), LD(tx, bf)));                                       \
+			memcpy(acc + i, ta, (n - i) * 4);                                        \
+		}                                                                                \
+	}                                                                                        \
+	ATTR ALWAYS_INLINE void narrow_h_##lvl(uint16_t *o, const float *acc, size_t n, bool bf) \
+	{                                                                                        \
+		size_t i = 0;                                                                    \
+		for (; n - i >= W; i += W)                                                       \
+			ST(o + i, LDF(acc + i), bf);                                             \
+		if (i < n) {                                                                     \
+			float ta[W] = {0};                                                       \
+			uint16_t to[W];                                                          \
+			memcpy(ta, acc + i, (n - i) * 4);                                        \
+			ST(to, LDF(ta), bf);                                                     \
+			memcpy(o + i, to, (n - i) * 2);                                          \
+		}                                                                                \
 	}
-}
 
-TARGET_AVX2 static void widen_acc_f16_avx2(float *acc, const void *x_, size_t n)
-{
-	const uint16_t *x = x_;
-	size_t i = 0;
+HALF_SIMD(avx2, TARGET_AVX2, 8, __m256, ld8, st8, _mm256_add_ps, _mm256_loadu_ps, _mm256_storeu_ps)
+HALF_SIMD(avx512, TARGET_AVX512, 16, __m512, ld16, st16, _mm512_add_ps, _mm512_loadu_ps,
+	  _mm512_storeu_ps)
 
-	for (; n - i >= 8; i += 8)
-		_mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), ld8h(x + i)));
-	if (i < n) {
-		uint16_t tx[8] = {0};
-		float ta[8] = {0};
-		memcpy(tx, x + i, (n - i) * 2);
-		memcpy(ta, acc + i, (n - i) * 4);
-		_mm256_storeu_ps(ta, _mm256_add_ps(_mm256_loadu_ps(ta), ld8h(tx)));
-		memcpy(acc + i, ta, (n - i) * 4);
+#define HALF_SIMD_WRAPPERS(lvl, ATTR, sfx, bf)                                                    \
+	ATTR static void add_##sfx##_##lvl(void *o, const void *a, const void *b, size_t n)       \
+	{                                                                                         \
+		add_h_##lvl(o, a, b, n, bf);                                                      \
+	}                                                                                         \
+	ATTR static void acc_##sfx##_##lvl(void *io, const void *b, size_t n)                     \
+	{                                                                                         \
+		add_h_##lvl(io, io, b, n, bf);                                                    \
+	}                                                                                         \
+	ATTR static void widen2_##sfx##_##lvl(float *acc, const void *a, const void *b, size_t n) \
+	{                                                                                         \
+		widen2_h_##lvl(acc, a, b, n, bf);                                                 \
+	}                                                                                         \
+	ATTR static void widen_acc_##sfx##_##lvl(float *acc, const void *x, size_t n)             \
+	{                                                                                         \
+		widen_acc_h_##lvl(acc, x, n, bf);                                                 \
+	}                                                                                         \
+	ATTR static void narrow_##sfx##_##lvl(void *o, const float *acc, size_t n)                \
+	{                                                                                         \
+		narrow_h_##lvl(o, acc, n, bf);                                                    \
 	}
-}
 
-TARGET_AVX2 static void narrow_f16_avx2(void *o_, const float *acc, size_t n)
-{
-	uint16_t *o = o_;
-	size_t i = 0;
-
-	for (; n - i >= 8; i += 8)
-		st8h(o + i, _mm256_loadu_ps(acc + i));
-	if (i < n) {
-		float ta[8] = {0};
-		uint16_t to[8];
-		memcpy(ta, acc + i, (n - i) * 4);
-		st8h(to, _mm256_loadu_ps(ta));
-		memcpy(o + i, to, (n - i) * 2);
-	}
-}
-
-TARGET_AVX512 static inline __m512 ld16h(const uint16_t *p)
-{
-	return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-}
-
-TARGET_AVX512 static inline void st16h(uint16_t *p, __m512 v)
-{
-	_mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(v, RN));
-}
-
-TARGET_AVX512 static void add_f16_avx512(void *o_, const void *a_, const void *b_, size_t n)
-{
-	uint16_t *o = o_;
-	const uint16_t *a = a_, *b = b_;
-	size_t i = 0;
-
-	for (; n - i >= 32; i += 32) {
-		__m512 x0 = ld16h(a + i), x1 = ld16h(a + i + 16);
-		__m512 y0 = ld16h(b + i), y1 = ld16h(b + i + 16);
-		st16h(o + i, _mm512_add_ps(x0, y0));
-		st16h(o + i + 16, _mm512_add_ps(x1, y1));
-	}
-	for (; i < n; i += 16) {
-		uint16_t ta[16] = {0}, tb[16] = {0}, to[16];
-		size_t m = n - i < 16 ? n - i : 16;
-		memcpy(ta, a + i, m * 2);
-		memcpy(tb, b + i, m * 2);
-		st16h(to, _mm512_add_ps(ld16h(ta), ld16h(tb)));
-		memcpy(o + i, to, m * 2);
-	}
-}
-
-TARGET_AVX512 static void acc_f16_avx512(void *io, const void *b, size_t n)
-{
-	add_f16_avx512(io, io, b, n);
-}
-
-TARGET_AVX512 static void widen2_f16_avx512(float *acc, const void *a_, const void *b_, size_t n)
-{
-	const uint16_t *a = a_, *b = b_;
-	size_t i = 0;
-
-	for (; n - i >= 16; i += 16)
-		_mm512_storeu_ps(acc + i, _mm512_add_ps(ld16h(a + i), ld16h(b + i)));
-	if (i < n) {
-		uint16_t ta[16] = {0}, tb[16] = {0};
-		float to[16];
-		memcpy(ta, a + i, (n - i) * 2);
-		memcpy(tb, b + i, (n - i) * 2);
-		_mm512_storeu_ps(to, _mm512_add_ps(ld16h(ta), ld16h(tb)));
-		memcpy(acc + i, to, (n - i) * 4);
-	}
-}
-
-TARGET_AVX512 static void widen_acc_f16_avx512(float *acc, const void *x_, size_t n)
-{
-	const uint16_t *x = x_;
-	size_t i = 0;
-
-	for (; n - i >= 16; i += 16)
-		_mm512_storeu_ps(acc + i, _mm512_add_ps(_mm512_loadu_ps(acc + i), ld16h(x + i)));
-	if (i < n) {
-		uint16_t tx[16] = {0};
-		float ta[16] = {0};
-		memcpy(tx, x + i, (n - i) * 2);
-		memcpy(ta, acc + i, (n - i) * 4);
-		_mm512_storeu_ps(ta, _mm512_add_ps(_mm512_loadu_ps(ta), ld16h(tx)));
-		memcpy(acc + i, ta, (n - i) * 4);
-	}
-}
-
-TARGET_AVX512 static void narrow_f16_avx512(void *o_, const float *acc, size_t n)
-{
-	uint16_t *o = o_;
-	size_t i = 0;
-
-	for (; n - i >= 16; i += 16)
-		st16h(o + i, _mm512_loadu_ps(acc + i));
-	if (i < n) {
-		float ta[16] = {0};
-		uint16_t to[16];
-		memcpy(ta, acc + i, (n - i) * 4);
-		st16h(to, _mm512_loadu_ps(ta));
-		memcpy(o + i, to, (n - i) * 2);
-	}
-}
+HALF_SIMD_WRAPPERS(avx2, TARGET_AVX2, f16, false)
+HALF_SIMD_WRAPPERS(avx2, TARGET_AVX2, bf16, true)
+HALF_SIMD_WRAPPERS(avx512, TARGET_AVX512, f16, false)
+HALF_SIMD_WRAPPERS(avx512, TARGET_AVX512, bf16, true)
 #endif /* REDUCE_X86 */
 
-#define KERNEL_TABLE(lvl)                                                                          \
-	{                                                                                          \
-		.add = {[KV_FLOAT32] = add_f32_##lvl,                                              \
-			[KV_FLOAT64] = add_f64_##lvl,                                              \
-			[KV_FLOAT16] = add_f16_##lvl,                                              \
-			[KV_BFLOAT16] = add_bf16_##lvl,                                            \
-			[KV_INT32] = add_u32_##lvl,                                                \
-			[KV_INT64] = add_u64_##lvl},                                               \
-		.acc = {[KV_FLOAT32] = acc_f32_##lvl,                                              \
-			[KV_FLOAT64] = acc_f64_##lvl,                                              \
-			[KV_FLOAT16] = acc_f16_##lvl,                                              \
-			[KV_BFLOAT16] = acc_bf16_##lvl,                                            \
-			[KV_INT32] = acc_u32_##lvl,                                                \
-			[KV_INT64] = acc_u64_##lvl},                                               \
-		.widen2 = {widen2_f16_##lvl, widen2_bf16_##lvl},                                   \
-		.widen_acc = {widen_acc_f16_##lvl, widen_acc_bf16_##lvl},                          \
-		.narrow = {narrow_f16_##lvl, narrow_bf16_##lvl},                                   \
+#define KERNEL_TABLE(lvl)                                                             \
+	{                                                                             \
+		.add = {[KV_FLOAT32] = add_f32_##lvl, [KV_FLOAT64] = add_f64_##lvl,   \
+			[KV_FLOAT16] = add_f16_##lvl, [KV_BFLOAT16] = add_bf16_##lvl, \
+			[KV_INT32] = add_u32_##lvl,   [KV_INT64] = add_u64_##lvl},    \
+		.acc = {[KV_FLOAT32] = acc_f32_##lvl, [KV_FLOAT64] = acc_f64_##lvl,   \
+			[KV_FLOAT16] = acc_f16_##lvl, [KV_BFLOAT16] = acc_bf16_##lvl, \
+			[KV_INT32] = acc_u32_##lvl,   [KV_INT64] = acc_u64_##lvl},    \
+		.widen2 = {widen2_f16_##lvl, widen2_bf16_##lvl},                      \
+		.widen_acc = {widen_acc_f16_##lvl, widen_acc_bf16_##lvl},             \
+		.narrow = {narrow_f16_##lvl, narrow_bf16_##lvl},                      \
 	}
 
 static const struct cpu_kernels cpu_kernels[] = {
@@ -635,8 +608,8 @@ static bool overlaps(const void *a, const void *b, size_t bytes)
 	return x != y && x < y + bytes && y < x + bytes;
 }
 
-static int check_args(int device, kv_dtype t, void *const *outs, int nout,
-		      const void *const *ins, int nin, size_t n)
+static int check_args(int device, kv_dtype t, void *const *outs, int nout, const void *const *ins,
+		      int nin, size_t n)
 {
 	size_t es = dtype_size(t);
 
@@ -681,6 +654,9 @@ static void sum_blocked(const struct cpu_kernels *kk, kv_dtype t, size_t es, voi
 	bool half = t == KV_FLOAT16 || t == KV_BFLOAT16;
 	int h = t == KV_FLOAT16 ? HALF_F16 : HALF_BF16;
 	size_t blk = half ? BLOCK_BYTES / sizeof(float) : BLOCK_BYTES / es;
+	/* one output that is not the last input: the last add goes straight to it */
+	bool fuse = !half && nin > 2 && nout == 1 && outs[0] != ins[nin - 1];
+	int last = fuse ? nin - 1 : nin;
 
 	for (size_t i = 0; i < n; i += blk) {
 		size_t len = n - i < blk ? n - i : blk;
@@ -694,10 +670,13 @@ static void sum_blocked(const struct cpu_kernels *kk, kv_dtype t, size_t es, voi
 				kk->narrow[h]((char *)outs[j] + off, buf.f32, len);
 		} else {
 			kk->add[t](&buf, AT(ins[0]), AT(ins[1]), len);
-			for (int k = 2; k < nin; k++)
+			for (int k = 2; k < last; k++)
 				kk->acc[t](&buf, AT(ins[k]), len);
-			for (int j = 0; j < nout; j++)
-				memcpy((char *)outs[j] + off, &buf, len * es);
+			if (fuse)
+				kk->add[t]((char *)outs[0] + off, &buf, AT(ins[last]), len);
+			else
+				for (int j = 0; j < nout; j++)
+					memcpy((char *)outs[j] + off, &buf, len * es);
 		}
 #undef AT
 	}
@@ -752,8 +731,8 @@ int reduce_sum(int device, void *stream, kv_dtype t, void *const *outs, int nout
 	return 0;
 }
 
-int reduce_copy(int device, void *stream, kv_dtype t, void *const *outs, int nout,
-		const void *in, size_t n)
+int reduce_copy(int device, void *stream, kv_dtype t, void *const *outs, int nout, const void *in,
+		size_t n)
 {
 	const void *ins[1] = {in};
 	int rc = check_args(device, t, outs, nout, ins, 1, n);

@@ -27,7 +27,7 @@
 extern "C" {
 #endif
 
-#define REDUCE_CPU (-1)
+#define REDUCE_CPU	  (-1)
 #define REDUCE_MAX_INPUTS 16
 
 /*
@@ -47,8 +47,8 @@ int reduce_sum(int device, void *stream, kv_dtype t, void *const *outs, int nout
 	       const void *const *ins, int nin, size_t n);
 
 /* Copy n elements of t from in to each output (a broadcast); same rules. */
-int reduce_copy(int device, void *stream, kv_dtype t, void *const *outs, int nout,
-		const void *in, size_t n);
+int reduce_copy(int device, void *stream, kv_dtype t, void *const *outs, int nout, const void *in,
+		size_t n);
 
 /* Half-precision conversions used by the CPU kernels and the tests. */
 float half_to_float(uint16_t h);
@@ -62,8 +62,8 @@ uint16_t float_to_bf16(float f); /* round to nearest even; NaN kept */
  * narrower ones.  Every variant gives bit-identical results.
  */
 enum { REDUCE_ISA_PORTABLE = 0, REDUCE_ISA_AVX2 = 1, REDUCE_ISA_AVX512 = 2 };
-int reduce_cpu_isa(void);                  /* the level in use now */
-int reduce_cpu_isa_limit(int max_level);   /* use at most max_level; returns the level in use */
+int reduce_cpu_isa(void);		    /* the level in use now */
+int reduce_cpu_isa_limit(int max_level);    /* use at most max_level; returns the level in use */
 const char *reduce_cpu_isa_name(int level); /* "portable", "avx2+f16c", "avx512f" */
 
 #ifdef __cplusplus

@@ -11,8 +11,13 @@
  * left to right in the accumulation type (f32 for f16 and bf16, unsigned
  * for the integers), rounds once and stores element i to every output.  As
  * no thread touches another's elements, an output that is also an input is
- * safe.  The loops over inputs and outputs are unrolled to the maximum of
- * 16 with a predicate each, so all loads are issued before the first add.
+ * safe.  The loops over inputs and outputs are unrolled to a compile-time
+ * bound (inputs: 1, 2, 4, 8 or 16; outputs: 1 or 16, picked per call) with a
+ * predicate each, so all loads are issued before the first add and the
+ * common nin == 2, nout == 1 kernel needs few registers (full occupancy).
+ * f16 converts with the hardware (round to nearest even); bf16 with the
+ * same bit arithmetic as reduce.c, so CPU and GPU agree bit for bit; a NaN
+ * stays a NaN, its payload may differ for f16.  nin == 1 copies raw bits.
  *
  * When every pointer has the same offset within 16 bytes (the usual case:
  * cudaMalloc'd buffers, or all shifted alike) the body moves 16-byte vectors
@@ -50,54 +55,96 @@ struct red_args {
 struct tr_f32 {
 	typedef float S;
 	typedef float A;
-	static __device__ __forceinline__ A widen(S x) { return x; }
-	static __device__ __forceinline__ S narrow(A x) { return x; }
-	static __device__ __forceinline__ A add(A x, A y) { return __fadd_rn(x, y); }
+	static __device__ __forceinline__ A widen(S x)
+	{
+		return x;
+	}
+	static __device__ __forceinline__ S narrow(A x)
+	{
+		return x;
+	}
+	static __device__ __forceinline__ A add(A x, A y)
+	{
+		return __fadd_rn(x, y);
+	}
 };
 
 struct tr_f64 {
 	typedef double S;
 	typedef double A;
-	static __device__ __forceinline__ A widen(S x) { return x; }
-	static __device__ __forceinline__ S narrow(A x) { return x; }
-	static __device__ __forceinline__ A add(A x, A y) { return __dadd_rn(x, y); }
+	static __device__ __forceinline__ A widen(S x)
+	{
+		return x;
+	}
+	static __device__ __forceinline__ S narrow(A x)
+	{
+		return x;
+	}
+	static __device__ __forceinline__ A add(A x, A y)
+	{
+		return __dadd_rn(x, y);
+	}
 };
 
 struct tr_f16 {
 	typedef unsigned short S;
 	typedef float A;
-	static __device__ __forceinline__ A widen(S x) { return __half2float(__ushort_as_half(x)); }
+	static __device__ __forceinline__ A widen(S x)
+	{
+		return __half2float(__ushort_as_half(x));
+	}
 	static __device__ __forceinline__ S narrow(A x)
 	{
 		return __half_as_ushort(__float2half_rn(x));
 	}
-	static __device__ __forceinline__ A add(A x, A y) { return __fadd_rn(x, y); }
+	static __device__ __forceinline__ A add(A x, A y)
+	{
+		return __fadd_rn(x, y);
+	}
 };
 
+/* bf16 by the same bit arithmetic as the CPU's (reduce.c: bf16_narrow), so
+ * both give the same bits, NaN payloads and subnormals included. */
 struct tr_bf16 {
 	typedef unsigned short S;
 	typedef float A;
 	static __device__ __forceinline__ A widen(S x)
 	{
-		return __bfloat162float(__ushort_as_bfloat16(x));
+		return __uint_as_float((unsigned)x << 16);
 	}
-	static __device__ __forceinline__ S narrow(A x)
+	static __device__ __forceinline__ S narrow(A f)
 	{
-		return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+		const unsigned x = __float_as_uint(f);
+		if ((x & 0x7fffffffu) > 0x7f800000u)
+			return (S)((x >> 16) | 0x40u); /* NaN: kept, quiet */
+		return (S)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 	}
-	static __device__ __forceinline__ A add(A x, A y) { return __fadd_rn(x, y); }
+	static __device__ __forceinline__ A add(A x, A y)
+	{
+		return __fadd_rn(x, y);
+	}
 };
 
 /* Integers wrap as unsigned; also the raw copy (nin == 1) of any type. */
 template <typename U> struct tr_uint {
 	typedef U S;
 	typedef U A;
-	static __device__ __forceinline__ A widen(S x) { return x; }
-	static __device__ __forceinline__ S narrow(A x) { return x; }
-	static __device__ __forceinline__ A add(A x, A y) { return x + y; }
+	static __device__ __forceinline__ A widen(S x)
+	{
+		return x;
+	}
+	static __device__ __forceinline__ S narrow(A x)
+	{
+		return x;
+	}
+	static __device__ __forceinline__ A add(A x, A y)
+	{
+		return x + y;
+	}
 };
 
-template <class Tr, int MAXIN, int MAXOUT> __device__ __forceinline__ void sum_one(const red_args &a, size_t i)
+template <class Tr, int MAXIN, int MAXOUT>
+__device__ __forceinline__ void sum_one(const red_args &a, size_t i)
 {
 	typedef typename Tr::S S;
 	S v[MAXIN];
@@ -118,7 +165,8 @@ template <class Tr, int MAXIN, int MAXOUT> __device__ __forceinline__ void sum_o
 			static_cast<S *>(a.out[k])[i] = r;
 }
 
-template <class Tr, int MAXIN, int MAXOUT> __device__ __forceinline__ void sum_vec(const red_args &a, size_t j)
+template <class Tr, int MAXIN, int MAXOUT>
+__device__ __forceinline__ void sum_vec(const red_args &a, size_t j)
 {
 	typedef typename Tr::S S;
 	constexpr int E = 16 / sizeof(S);
@@ -199,7 +247,8 @@ int sm_count(int device)
 	int sms = device < 64 ? __atomic_load_n(&cache[device], __ATOMIC_RELAXED) : 0;
 
 	if (sms == 0) {
-		if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+		if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) !=
+			    cudaSuccess ||
 		    sms <= 0)
 			sms = 1;
 		if (device < 64)
@@ -218,21 +267,24 @@ template <class Tr, int MAXIN> void launch_in(const red_args &a, unsigned blocks
 		sum_kernel<Tr, MAXIN, kMax><<<blocks, kThreads, 0, st>>>(a);
 }
 
-template <class Tr> cudaError_t launch(red_args &a, int device, cudaStream_t st)
+/* Plans the vector body; returns the grid: enough blocks for the work, at
+ * most what the device keeps resident (the kernel strides over the rest). */
+unsigned grid_for(red_args &a, size_t es, int device)
 {
-	const size_t es = sizeof(typename Tr::S);
-
 	plan(a, es);
 	const size_t work = a.nvec + a.head + (a.n - a.head - a.nvec * (16 / es));
 	size_t blocks = (work + kThreads - 1) / kThreads;
 	const size_t cap = (size_t)sm_count(device) * kBlocksPerSm;
 	if (blocks > cap)
 		blocks = cap;
-	if (blocks == 0)
-		blocks = 1;
-	if (a.nin <= 1)
-		launch_in<Tr, 1>(a, (unsigned)blocks, st);
-	else if (a.nin <= 2)
+	return blocks ? (unsigned)blocks : 1;
+}
+
+template <class Tr> cudaError_t launch(red_args &a, int device, cudaStream_t st)
+{
+	const unsigned blocks = grid_for(a, sizeof(typename Tr::S), device);
+
+	if (a.nin <= 2)
 		launch_in<Tr, 2>(a, (unsigned)blocks, st);
 	else if (a.nin <= 4)
 		launch_in<Tr, 4>(a, (unsigned)blocks, st);
@@ -243,15 +295,22 @@ template <class Tr> cudaError_t launch(red_args &a, int device, cudaStream_t st)
 	return cudaGetLastError();
 }
 
+/* nin == 1: the bits move as they are (a NaN payload too), whatever the dtype. */
+template <class Tr> cudaError_t launch_raw(red_args &a, int device, cudaStream_t st)
+{
+	launch_in<Tr, 1>(a, grid_for(a, sizeof(typename Tr::S), device), st);
+	return cudaGetLastError();
+}
+
 cudaError_t launch_copy(red_args &a, size_t es, int device, cudaStream_t st)
 {
 	switch (es) {
 	case 2:
-		return launch<tr_uint<unsigned short>>(a, device, st);
+		return launch_raw<tr_uint<unsigned short>>(a, device, st);
 	case 4:
-		return launch<tr_uint<unsigned int>>(a, device, st);
+		return launch_raw<tr_uint<unsigned int>>(a, device, st);
 	default:
-		return launch<tr_uint<unsigned long long>>(a, device, st);
+		return launch_raw<tr_uint<unsigned long long>>(a, device, st);
 	}
 }
 
@@ -272,14 +331,14 @@ size_t dtype_size(kv_dtype t)
 /* Runs fn with device current, then restores the caller's current device. */
 template <class F> int on_device(int device, size_t n, F fn)
 {
-	int prev = 0;
+	int prev = -1;
 	cudaError_t e = cudaGetDevice(&prev);
 
 	if (e == cudaSuccess && prev != device)
 		e = cudaSetDevice(device);
 	if (e == cudaSuccess && n > 0)
 		e = fn();
-	if (prev != device)
+	if (prev >= 0 && prev != device)
 		cudaSetDevice(prev);
 	if (e != cudaSuccess)
 		cudaGetLastError(); /* don't leave our error for the caller's next check */

@@ -7,9 +7,10 @@
  *    load-acquires the tail, then reads the entries below it;
  *  - the consumer copies an entry out, then store-releases the head; the
  *    producer load-acquires the head before it reuses the slots below it.
- * Sleeping is the Dekker pattern: the consumer stores sleeping=1 then loads
- * the tail; the producer stores the tail then loads sleeping; a full fence
- * sits between the store and the load on each side, so at least one of them
+ * Sleeping is the Dekker pattern: the consumer bumps the sleeping count then
+ * loads the tail; the producer stores the tail then loads the sleeping count.
+ * All four are sequentially consistent (on x86 the stores are locked
+ * instructions, i.e. the full fence the pattern needs), so at least one side
  * sees the other's store and no wake-up is lost.
  */
 #include "ring.h"
@@ -58,8 +59,9 @@ int ring_push(struct ring *r, const void *entry)
 	}
 	memcpy(r->entries + (size_t)(r->local & r->mask) * r->esize, entry, r->esize);
 	r->local++;
-	/* publishes the entry written above; pairs with load-acquire of tail */
-	__atomic_store_n(&r->ctl->tail, r->local, __ATOMIC_RELEASE);
+	/* publishes the entry written above (pairs with the consumer's load of
+	 * tail); seq_cst as the producer's half of the sleeping handshake */
+	__atomic_store_n(&r->ctl->tail, r->local, __ATOMIC_SEQ_CST);
 	return 0;
 }
 
@@ -82,8 +84,9 @@ int ring_ready(struct ring *r)
 	uint32_t avail = r->cached - r->local;
 
 	if (avail == 0) {
-		/* pairs with the producer's store-release of tail in ring_push */
-		r->cached = __atomic_load_n(&r->ctl->tail, __ATOMIC_ACQUIRE);
+		/* pairs with the producer's store of tail in ring_push; seq_cst as the
+		 * consumer's half of the sleeping handshake (a plain load on x86) */
+		r->cached = __atomic_load_n(&r->ctl->tail, __ATOMIC_SEQ_CST);
 		avail = r->cached - r->local;
 	}
 	if (avail > r->mask + 1)
@@ -106,9 +109,8 @@ int ring_pop(struct ring *r, void *out)
 
 bool ring_consumer_sleeping(struct ring *r)
 {
-	/* orders our tail store before the load of sleeping (see the file comment) */
-	__atomic_thread_fence(__ATOMIC_SEQ_CST);
-	return __atomic_load_n(&r->ctl->sleeping, __ATOMIC_RELAXED) != 0;
+	/* after our seq_cst store of tail (see the file comment) */
+	return __atomic_load_n(&r->ctl->sleeping, __ATOMIC_SEQ_CST) != 0;
 }
 
 void ring_wake(struct ring *r)
@@ -118,10 +120,9 @@ void ring_wake(struct ring *r)
 
 void ring_set_sleeping(struct ring *r, bool sleeping)
 {
-	/* a count, not a flag: several threads of one process may wait at once */
-	__atomic_add_fetch(&r->ctl->sleeping, sleeping ? 1u : (uint32_t)-1, __ATOMIC_RELAXED);
-	/* orders the store of sleeping before the consumer's next load of tail */
-	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	/* a count, not a flag: several threads of one process may wait at once;
+	 * seq_cst: ordered before our next load of tail (see the file comment) */
+	__atomic_add_fetch(&r->ctl->sleeping, sleeping ? 1u : (uint32_t)-1, __ATOMIC_SEQ_CST);
 }
 
 static int64_t now_ms(void)
@@ -148,7 +149,7 @@ int ring_wait(struct ring *r, unsigned spin, int timeout_ms)
 		int left = -1;
 
 		ring_set_sleeping(r, true);
-		seen = __atomic_load_n(&r->ctl->tail, __ATOMIC_ACQUIRE);
+		seen = __atomic_load_n(&r->ctl->tail, __ATOMIC_SEQ_CST);
 		n = ring_ready(r);
 		if (n != 0) {
 			ring_set_sleeping(r, false);

@@ -4,6 +4,8 @@
  */
 #include "harness.h"
 
+#include <criterion/criterion.h>
+
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -83,6 +85,20 @@ int kvd_start(struct kvd_proc *k, const char *const *args)
 	return -1;
 }
 
+static void dump_log(const struct kvd_proc *k)
+{
+	char line[1024];
+	FILE *f = fopen(k->log, "r");
+
+	if (!f)
+		return;
+	fprintf(stderr, "---- kvd log (%s) ----\n", k->log);
+	while (fgets(line, sizeof(line), f))
+		fputs(line, stderr);
+	fprintf(stderr, "---- end of kvd log ----\n");
+	fclose(f);
+}
+
 int kvd_stop(struct kvd_proc *k)
 {
 	int st = 0, rc = -1;
@@ -101,6 +117,12 @@ int kvd_stop(struct kvd_proc *k)
 			waitpid(k->pid, NULL, 0);
 		}
 		k->pid = 0;
+		/* kvd must stop cleanly on SIGTERM: a sanitizer report, a leak or a
+		 * crash shows here (a test that SIGKILLed kvd itself is exempt) */
+		if (rc != 0 && rc != 128 + SIGKILL) {
+			dump_log(k);
+			cr_assert_fail("kvd exited with status %d after SIGTERM", rc);
+		}
 	}
 	unlink(k->sock);
 	unlink(k->log);

@@ -38,8 +38,8 @@
 #include "../../kernels/reduce.h"
 
 #define NDTYPES 6
-static const kv_dtype all_dtypes[NDTYPES] = {KV_FLOAT32, KV_FLOAT64, KV_FLOAT16,
-					     KV_BFLOAT16, KV_INT32, KV_INT64};
+static const kv_dtype all_dtypes[NDTYPES] = {KV_FLOAT32,  KV_FLOAT64, KV_FLOAT16,
+					     KV_BFLOAT16, KV_INT32,   KV_INT64};
 static const char *const dtype_names[NDTYPES] = {"f32", "f64", "f16", "bf16", "i32", "i64"};
 
 static size_t esize(kv_dtype t)
@@ -61,14 +61,18 @@ static size_t esize(kv_dtype t)
 static double ref_half(uint16_t h)
 {
 	int e = (h >> 10) & 31, m = h & 1023;
-	double v = e == 31 ? (m ? NAN : INFINITY) : e == 0 ? ldexp(m, -24) : ldexp(1024 + m, e - 25);
+	double v = e == 31  ? (m ? NAN : INFINITY)
+		   : e == 0 ? ldexp(m, -24)
+			    : ldexp(1024 + m, e - 25);
 	return (h & 0x8000) ? -v : v;
 }
 
 static double ref_bf16(uint16_t h)
 {
 	int e = (h >> 7) & 255, m = h & 127;
-	double v = e == 255 ? (m ? NAN : INFINITY) : e == 0 ? ldexp(m, -133) : ldexp(128 + m, e - 134);
+	double v = e == 255 ? (m ? NAN : INFINITY)
+		   : e == 0 ? ldexp(m, -133)
+			    : ldexp(128 + m, e - 134);
 	return (h & 0x8000) ? -v : v;
 }
 
@@ -93,13 +97,14 @@ static uint16_t ref_round(double d, int bits, int emin, int ebias, double inf_at
 	frexp(a, &e);
 	int lead = e - 1 < emin ? emin : e - 1;
 	double q = ldexp(1.0, lead - mbits); /* the spacing of representable values here */
-	double m = nearbyint(a / q);          /* the default rounding mode: to nearest, ties even */
+	double m = nearbyint(a / q);	     /* the default rounding mode: to nearest, ties even */
 	double v = m * q;
 	if (v < ldexp(1.0, emin)) /* subnormal (m may have rounded up to the first normal) */
 		return s | (uint16_t)m;
 	frexp(v, &e);
 	lead = e - 1;
-	return s | (uint16_t)((lead + ebias) << mbits) | (uint16_t)(ldexp(v, mbits - lead) - ldexp(1.0, mbits));
+	return s | (uint16_t)((lead + ebias) << mbits) |
+	       (uint16_t)(ldexp(v, mbits - lead) - ldexp(1.0, mbits));
 }
 
 static uint16_t ref_to_half(double d)
@@ -304,7 +309,8 @@ static bool within_bound(kv_dtype t, const void *const *in, int nin, size_t i, u
 	}
 	if (!isfinite(g) || !isfinite(s))
 		return true; /* overflow is checked exactly against the f32 emulation */
-	u = ldexp(1.0, -24) * 1.000001; /* f32 unit roundoff, with slack for the bound's own rounding */
+	u = ldexp(1.0, -24) *
+	    1.000001; /* f32 unit roundoff, with slack for the bound's own rounding */
 	return fabs(g - s) <= (nin - 1) * u * a + halfulp + ldexp(1.0, -149);
 }
 
@@ -317,7 +323,8 @@ enum alias {
 	ALIAS_EVERY, /* outs[j] == ins[j] for every j < min(nin, nout) */
 	ALIAS_LAST,  /* outs[0] == ins[nin - 1] */
 };
-static const char *const alias_names[] = {"none", "out0=in0", "out0=in1", "outj=inj", "out0=inlast"};
+static const char *const alias_names[] = {"none", "out0=in0", "out0=in1", "outj=inj",
+					  "out0=inlast"};
 
 struct buf {
 	void *base;
@@ -371,8 +378,8 @@ static void check_sum(kv_dtype t, int nin, int nout, size_t n, enum alias al, si
 	}
 
 	int rc = reduce_sum(REDUCE_CPU, NULL, t, outs, nout, ins, nin, n);
-	cr_assert_eq(rc, 0, "reduce_sum %s nin=%d nout=%d n=%zu: rc %d", dtype_names[t], nin,
-		     nout, n, rc);
+	cr_assert_eq(rc, 0, "reduce_sum %s nin=%d nout=%d n=%zu: rc %d", dtype_names[t], nin, nout,
+		     n, rc);
 
 	for (int j = 0; j < nout; j++) {
 		for (size_t i = 0; i < n; i++) {
@@ -385,9 +392,10 @@ static void check_sum(kv_dtype t, int nin, int nout, size_t n, enum alias al, si
 			if (!ok)
 				cr_assert_fail("%s [%s] nin=%d nout=%d n=%zu alias=%s off=%zu: "
 					       "out %d [%zu] = %#llx, want %#llx",
-					       dtype_names[t], reduce_cpu_isa_name(reduce_cpu_isa()),
-					       nin, nout, n, alias_names[al], off, j, i,
-					       (unsigned long long)got, (unsigned long long)want);
+					       dtype_names[t],
+					       reduce_cpu_isa_name(reduce_cpu_isa()), nin, nout, n,
+					       alias_names[al], off, j, i, (unsigned long long)got,
+					       (unsigned long long)want);
 		}
 	}
 	/* inputs that are not outputs are left alone */
@@ -487,16 +495,19 @@ static void check_bits(kv_dtype t, int nin, size_t n, const void *vals, const vo
 			}
 			void *o0 = malloc(n * es), *o1 = malloc(n * es);
 			void *outs[2] = {mode == 1 ? copies[0] : o0, o1};
-			cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, t, outs, mode == 2 ? 2 : 1, ins, nin, n),
+			cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, t, outs, mode == 2 ? 2 : 1, ins,
+						nin, n),
 				     0);
 			for (int j = 0; j < (mode == 2 ? 2 : 1); j++)
 				for (size_t i = 0; i < n; i++) {
 					uint64_t got = load_bits(t, outs[j], i);
 					uint64_t w = load_bits(t, want, i);
 					bool ok = bits_isnan(t, w) ? bits_isnan(t, got) : got == w;
-					cr_assert(ok, "%s [%s] mode %d out %d [%zu]: %#llx, want %#llx",
-						  dtype_names[t], reduce_cpu_isa_name(lvl), mode, j, i,
-						  (unsigned long long)got, (unsigned long long)w);
+					cr_assert(ok,
+						  "%s [%s] mode %d out %d [%zu]: %#llx, want %#llx",
+						  dtype_names[t], reduce_cpu_isa_name(lvl), mode, j,
+						  i, (unsigned long long)got,
+						  (unsigned long long)w);
 				}
 			for (int k = 0; k < nin; k++)
 				free(copies[k]);
@@ -508,8 +519,7 @@ static void check_bits(kv_dtype t, int nin, size_t n, const void *vals, const vo
 
 Test(reduce, int_wraparound)
 {
-	int32_t a32[2][4] = {{INT32_MAX, INT32_MIN, -1, INT32_MAX},
-			     {1, -1, 1, INT32_MAX}};
+	int32_t a32[2][4] = {{INT32_MAX, INT32_MIN, -1, INT32_MAX}, {1, -1, 1, INT32_MAX}};
 	int32_t w32[4] = {INT32_MIN, INT32_MAX, 0, -2};
 	check_bits(KV_INT32, 2, 4, a32, w32);
 
@@ -529,8 +539,10 @@ Test(reduce, f16_specials)
 {
 	/* each column: a + b -> want */
 	uint16_t in[2][12] = {
-		{0x7bff, 0x7bff, 0x7bff, 0xfbff, 0x7e00, 0x7c00, 0x7c00, 0x0001, 0x03ff, 0x8001, 0x3c00, 0x3c01},
-		{0x7bff, 0x4c00, 0x4800, 0xfbff, 0x3c00, 0xfc00, 0x3c00, 0x0001, 0x0001, 0x0001, 0x1000, 0x1000},
+		{0x7bff, 0x7bff, 0x7bff, 0xfbff, 0x7e00, 0x7c00, 0x7c00, 0x0001, 0x03ff, 0x8001,
+		 0x3c00, 0x3c01},
+		{0x7bff, 0x4c00, 0x4800, 0xfbff, 0x3c00, 0xfc00, 0x3c00, 0x0001, 0x0001, 0x0001,
+		 0x1000, 0x1000},
 	};
 	uint16_t want[12] = {
 		0x7c00, /* 65504 + 65504: overflow to inf */
@@ -637,8 +649,7 @@ Test(reduce, float_to_half_bits)
 		{0x477fefff, 0x7bff}, /* just below 65520 */
 		{0x477ff000, 0x7c00}, /* 65520: a tie, to even = inf */
 		{0x501502f9, 0x7c00}, /* 1e10 */
-		{0x7f800000, 0x7c00}, {0xff800000, 0xfc00},
-		{0x7fc00000, 0x7e00}, /* NaN */
+		{0x7f800000, 0x7c00}, {0xff800000, 0xfc00}, {0x7fc00000, 0x7e00}, /* NaN */
 		{0xffc00001, 0xfe00}, /* NaN, low payload bits lost */
 		{0x7f802000, 0x7e01}, /* signalling NaN: made quiet, payload kept */
 		{0x33800000, 0x0001}, /* 2^-24 */
@@ -667,11 +678,11 @@ Test(reduce, bf16_bits)
 		uint16_t b;
 	} cases[] = {
 		{0x3f800000, 0x3f80}, {0x3f808000, 0x3f80}, /* 1 + 2^-8: a tie, to even */
-		{0x3f818000, 0x3f82},                       /* a tie, to even (up) */
+		{0x3f818000, 0x3f82},			    /* a tie, to even (up) */
 		{0x3f808001, 0x3f81}, {0x7f7fffff, 0x7f80}, /* FLT_MAX rounds to inf */
 		{0x7f7f7fff, 0x7f7f}, {0x7fc00000, 0x7fc0}, {0x7f800001, 0x7fc0}, /* sNaN: quiet */
-		{0xff810000, 0xffc1},                       /* sNaN, payload kept */
-		{0x00008000, 0x0000},                       /* subnormal tie, to even */
+		{0xff810000, 0xffc1}, /* sNaN, payload kept */
+		{0x00008000, 0x0000}, /* subnormal tie, to even */
 		{0x00018000, 0x0002}, {0x80000000, 0x8000}, {0xff800000, 0xff80},
 	};
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
@@ -742,14 +753,16 @@ Test(reduce, copy)
 				}
 				if (nout == 3)
 					outs[2] = in.p; /* a copy onto itself */
-				cr_assert_eq(reduce_copy(REDUCE_CPU, NULL, t, outs, nout, in.p, n), 0);
+				cr_assert_eq(reduce_copy(REDUCE_CPU, NULL, t, outs, nout, in.p, n),
+					     0);
 				for (int j = 0; j < nout; j++)
-					cr_assert(memcmp(outs[j], in.p, n * es) == 0, "%s n=%zu out %d",
-						  dtype_names[t], n, j);
+					cr_assert(memcmp(outs[j], in.p, n * es) == 0,
+						  "%s n=%zu out %d", dtype_names[t], n, j);
 				/* a sum of one input is a copy too, bit for bit */
 				const void *ins[1] = {in.p};
 				memset(out[0].p, 0, n * es);
-				cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, t, outs, 1, ins, 1, n), 0);
+				cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, t, outs, 1, ins, 1, n),
+					     0);
 				cr_assert(memcmp(outs[0], in.p, n * es) == 0);
 				free(in.base);
 				for (int j = 0; j < nout; j++)
@@ -780,17 +793,22 @@ Test(reduce, invalid_arguments)
 	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, KV_FLOAT32, outs, 0, ins, 2, 8), KV_ERR_INVALID);
 	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, KV_FLOAT32, outs, 17, ins, 2, 8), KV_ERR_INVALID);
 	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, (kv_dtype)6, outs, 1, ins, 2, 8), KV_ERR_INVALID);
-	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, (kv_dtype)-1, outs, 1, ins, 2, 8), KV_ERR_INVALID);
+	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, (kv_dtype)-1, outs, 1, ins, 2, 8),
+		     KV_ERR_INVALID);
 	cr_assert_eq(reduce_sum(-2, NULL, KV_FLOAT32, outs, 1, ins, 2, 8), KV_ERR_INVALID);
 	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, KV_FLOAT32, NULL, 1, ins, 2, 8), KV_ERR_INVALID);
 	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, KV_FLOAT32, outs, 1, NULL, 2, 8), KV_ERR_INVALID);
-	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, KV_FLOAT32, outs, 1, null_in, 2, 8), KV_ERR_INVALID);
-	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, KV_FLOAT32, null_out, 1, ins, 2, 8), KV_ERR_INVALID);
+	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, KV_FLOAT32, outs, 1, null_in, 2, 8),
+		     KV_ERR_INVALID);
+	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, KV_FLOAT32, null_out, 1, ins, 2, 8),
+		     KV_ERR_INVALID);
 	/* not aligned to the element */
 	const void *odd_in[2] = {(const char *)a + 1, b};
 	void *odd_out[1] = {(char *)o + 2};
-	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, KV_FLOAT32, outs, 1, odd_in, 2, 4), KV_ERR_INVALID);
-	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, KV_FLOAT32, odd_out, 1, ins, 2, 4), KV_ERR_INVALID);
+	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, KV_FLOAT32, outs, 1, odd_in, 2, 4),
+		     KV_ERR_INVALID);
+	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, KV_FLOAT32, odd_out, 1, ins, 2, 4),
+		     KV_ERR_INVALID);
 	/* an output partially over an input */
 	void *over[1] = {a + 1};
 	cr_assert_eq(reduce_sum(REDUCE_CPU, NULL, KV_FLOAT32, over, 1, ins, 2, 4), KV_ERR_INVALID);
@@ -913,13 +931,15 @@ static void gpu_case(kv_dtype t, int nin, int nout, size_t n, const size_t *offs
 			uint64_t want = expect(t, (const void *const *)host, nin, i, &nan);
 			uint64_t g = load_bits(t, got, i);
 			bool ok = nin == 1 ? g == load_bits(t, host[0], i)
-					   : nan ? bits_isnan(t, g) : g == want;
+				  : nan	   ? bits_isnan(t, g)
+					   : g == want;
 			if (!ok)
-				cr_assert_fail("gpu %s nin=%d nout=%d n=%zu offs=%zu,%zu,%zu%s: out %d "
-					       "[%zu] = %#llx, want %#llx",
-					       dtype_names[t], nin, nout, n, offs[0], offs[1], offs[2],
-					       inplace ? " in place" : "", j, i,
-					       (unsigned long long)g, (unsigned long long)want);
+				cr_assert_fail(
+					"gpu %s nin=%d nout=%d n=%zu offs=%zu,%zu,%zu%s: out %d "
+					"[%zu] = %#llx, want %#llx",
+					dtype_names[t], nin, nout, n, offs[0], offs[1], offs[2],
+					inplace ? " in place" : "", j, i, (unsigned long long)g,
+					(unsigned long long)want);
 		}
 	}
 	for (int k = 0; k < nin; k++)
@@ -931,20 +951,27 @@ static void gpu_case(kv_dtype t, int nin, int nout, size_t n, const size_t *offs
 
 Test(reduce_gpu, sum_matches_cpu_reference, .timeout = 300)
 {
-	static const size_t gsizes[] = {1, 7, 17, 1000, 4099, ((size_t)1 << 20) + 3};
-	static const int gnins[] = {1, 2, 3, 16};
+	static const size_t gsizes[] = {1, 7, 17, 1000, 4099, 65536 + 5};
+	static const int gnins[] = {1, 2, 3, 8, 16};
+	/* alike (vector body, with a head when shifted) and unlike (all scalar) */
 	static const size_t offsets[][3] = {{0, 0, 0}, {1, 1, 1}, {0, 1, 3}};
+	const size_t big = ((size_t)1 << 22) + 3; /* many grid strides */
 
 	if (gpu_count() == 0)
 		cr_skip_test("%s", gpu_status());
-	for (int d = 0; d < NDTYPES; d++)
+	for (int d = 0; d < NDTYPES; d++) {
+		kv_dtype t = all_dtypes[d];
 		for (size_t a = 0; a < sizeof(gnins) / sizeof(gnins[0]); a++)
-			for (int nout = 1; nout <= 2; nout++)
+			for (int nout = 1; nout <= 3; nout += 2)
 				for (size_t c = 0; c < sizeof(gsizes) / sizeof(gsizes[0]); c++)
 					for (size_t o = 0; o < 3; o++)
 						for (int inplace = 0; inplace <= 1; inplace++)
-							gpu_case(all_dtypes[d], gnins[a], nout,
-								 gsizes[c], offsets[o], inplace);
+							gpu_case(t, gnins[a], nout, gsizes[c],
+								 offsets[o], inplace);
+		gpu_case(t, 2, 1, big, offsets[0], true);
+		gpu_case(t, 2, 1, big, offsets[1], false);
+		gpu_case(t, 16, 2, big, offsets[2], false);
+	}
 }
 
 Test(reduce_gpu, copy_and_zero_length)
@@ -965,7 +992,8 @@ Test(reduce_gpu, copy_and_zero_length)
 	cr_assert_eq(gpu_memcpy_d2h(0, back, outs[0], n * 2), 0);
 	cr_assert(memcmp(back, h, n * 2) == 0);
 	/* a device that does not exist */
-	cr_assert_eq(reduce_copy(gpu_count() + 7, NULL, KV_FLOAT16, outs, 1, src, n), KV_ERR_INVALID);
+	cr_assert_eq(reduce_copy(gpu_count() + 7, NULL, KV_FLOAT16, outs, 1, src, n),
+		     KV_ERR_INVALID);
 	gpu_free(0, src);
 	gpu_free(0, dst);
 	free(h);
