@@ -195,6 +195,7 @@ check: all
 else
 check: all
 	$(Q)KVD_BIN_DIR=$(abspath $(B)/bin) KVD_BUILD=$(abspath $(B)) \
+		LSAN_OPTIONS=suppressions=$(abspath tests/lsan.supp):print_suppressions=0 \
 		$(TESTBIN) --jobs 2 $(KVTEST_ARGS)
 ifneq ($(GPU_TESTBIN),)
 	$(Q)$(GPU_TESTBIN) --jobs 1
