@@ -28,6 +28,7 @@
 
 #define CONN_BUF 8192 /* the largest message a client sends is smaller */
 #define RING_DEPTH 256
+#define CMSG_BUF 64
 
 enum tag { T_CONN = 0, T_ACCEPT = 1, T_SIGNAL = 2, T_EVICT = 3 };
 
@@ -42,8 +43,8 @@ struct conn {
 	struct msghdr mh;
 	struct iovec iov;
 	union {
-		char buf[CMSG_SPACE(sizeof(int) * SEG_MAX_FDS)];
-		struct cmsghdr align;
+		char buf[CMSG_BUF]; /* >= CMSG_SPACE(sizeof(int) * SEG_MAX_FDS) */
+		size_t align;       /* as struct cmsghdr, whose flexible array clang minds */
 	} cmsg;
 	uint8_t buf[CONN_BUF];
 };

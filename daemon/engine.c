@@ -72,14 +72,6 @@ struct task {
 	uint8_t **ptrs;       /* nin inputs, then nout outputs (outs[0]: the value) */
 };
 
-struct ready {
-	int32_t prio;
-	uint64_t seq;
-	struct job *job;
-	struct key *key;
-	uint32_t part;
-};
-
 struct engine {
 	struct kvd *d;
 	pthread_t thread;
@@ -100,9 +92,7 @@ struct engine {
 
 	/* engine thread only */
 	struct client *clients;
-	struct ready *heap;
-	size_t nheap, capheap;
-	uint64_t seq;
+	struct ready_heap ready;
 	bool shutting_down;
 	bool exit_now;
 	int tasks_out;
@@ -276,78 +266,6 @@ static int op_kind(uint8_t op)
 	return op == KV_OP_BCAST ? KIND_BCAST : KIND_SUM;
 }
 
-/* ------------------------------------------------------------------ heap */
-
-static bool heap_before(const struct ready *a, const struct ready *b)
-{
-	return a->prio > b->prio || (a->prio == b->prio && a->seq < b->seq);
-}
-
-static int heap_push(struct engine *e, struct ready r)
-{
-	size_t i;
-
-	if (e->nheap == e->capheap) {
-		size_t cap = e->capheap ? e->capheap * 2 : 256;
-		struct ready *n = realloc(e->heap, cap * sizeof(*n));
-		if (!n)
-			return -ENOMEM;
-		e->heap = n;
-		e->capheap = cap;
-	}
-	i = e->nheap++;
-	while (i > 0 && heap_before(&r, &e->heap[(i - 1) / 2])) {
-		e->heap[i] = e->heap[(i - 1) / 2];
-		i = (i - 1) / 2;
-	}
-	e->heap[i] = r;
-	return 0;
-}
-
-static struct ready heap_pop(struct engine *e)
-{
-	struct ready top = e->heap[0], last = e->heap[--e->nheap];
-	size_t i = 0;
-
-	for (;;) {
-		size_t l = 2 * i + 1, r = l + 1, m = i;
-		const struct ready *best = &last;
-		if (l < e->nheap && heap_before(&e->heap[l], best)) {
-			m = l;
-			best = &e->heap[l];
-		}
-		if (r < e->nheap && heap_before(&e->heap[r], best))
-			m = r;
-		if (m == i)
-			break;
-		e->heap[i] = e->heap[m];
-		i = m;
-	}
-	if (e->nheap)
-		e->heap[i] = last;
-	return top;
-}
-
-/* Drop every heap entry of job j (it is about to be freed). */
-static void heap_purge(struct engine *e, struct job *j)
-{
-	size_t n = e->nheap;
-	struct ready *old = e->heap;
-
-	e->nheap = 0;
-	for (size_t i = 0; i < n; i++) {
-		if (old[i].job == j)
-			continue;
-		struct ready r = old[i];
-		size_t k = e->nheap++;
-		while (k > 0 && heap_before(&r, &old[(k - 1) / 2])) {
-			old[k] = old[(k - 1) / 2];
-			k = (k - 1) / 2;
-		}
-		old[k] = r;
-	}
-}
-
 /* ------------------------------------------------------------------ rounds */
 
 static void queue_append(struct part *p, int r, struct contrib *x)
@@ -431,7 +349,7 @@ static void maybe_ready(struct engine *e, struct job *j, struct key *k, uint32_t
 	for (int r = 1; r < n; r++)
 		if (p->head[r]->sqe.priority > prio)
 			prio = p->head[r]->sqe.priority;
-	if (heap_push(e, (struct ready){ prio, e->seq++, j, k, part }) == 0)
+	if (ready_push(&e->ready, prio, j, k, part) == 0)
 		p->queued = true;
 }
 
@@ -585,8 +503,8 @@ static int run_ready(struct engine *e)
 {
 	int work = 0;
 
-	while (e->nheap) {
-		struct ready r = heap_pop(e);
+	while (e->ready.n) {
+		struct ready r = ready_pop(&e->ready);
 		struct part *p = &r.key->parts[r.part];
 		struct task *t;
 
@@ -1078,7 +996,7 @@ static void job_maybe_free(struct engine *e, struct job *j)
 	for (struct client *c = e->clients; c; c = c->next)
 		if (c->job == j)
 			return;
-	heap_purge(e, j);
+	ready_purge(&e->ready, j);
 	kvd_log("job '%s' ended", j->name);
 	job_free(e->d, j);
 }
@@ -1197,7 +1115,7 @@ static bool engine_has_work(struct engine *e)
 	pthread_mutex_lock(&e->qlock);
 	bool done = e->done != NULL || e->ev_head != NULL;
 	pthread_mutex_unlock(&e->qlock);
-	if (done || e->nheap)
+	if (done || e->ready.n)
 		return true;
 	for (struct client *c = e->clients; c; c = c->next)
 		if (!c->broken && ring_ready(&c->sq) != 0)
@@ -1311,7 +1229,7 @@ void engine_free_all(struct kvd *d)
 		if (--j->eng_present == 0)
 			job_free(d, j);
 	}
-	free(e->heap);
+	free(e->ready.v);
 	close(e->doorbell);
 	free(e->workers);
 	free(e);

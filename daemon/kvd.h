@@ -163,6 +163,23 @@ struct contrib {
 	uint64_t t0_ns;  /* when the engine took it */
 };
 
+/* heap.c - ready rounds, highest priority first, then first come first served */
+struct ready {
+	int32_t prio;
+	uint64_t seq;
+	struct job *job;
+	struct key *key;
+	uint32_t part;
+};
+struct ready_heap {
+	struct ready *v;
+	size_t n, cap;
+	uint64_t seq;
+};
+int ready_push(struct ready_heap *h, int32_t prio, struct job *j, struct key *k, uint32_t part);
+struct ready ready_pop(struct ready_heap *h); /* h->n > 0 */
+void ready_purge(struct ready_heap *h, const struct job *j); /* drop j's entries */
+
 struct task; /* engine.c */
 struct engine;
 struct ctl;

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -244,6 +245,28 @@ static int make_parent(const char *path)
 	return 0;
 }
 
+/*
+ * A connect can succeed with nobody behind it: after kill -9 the kernel
+ * tears a dead kvd's io_uring down asynchronously, and its pending accept
+ * keeps the old socket accepting for a moment.  So ask a question and wait
+ * for the answer.
+ */
+static bool answers(int fd)
+{
+	struct kv_msg m = { .type = KV_MSG_STATUS_REQ, .seq = 1 };
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+	uint8_t buf[KV_MSG_MAX];
+	size_t n;
+
+	m.u.status_req.what = KV_STATUS_JOBS;
+	n = kv_msg_encode(&m, buf, sizeof(buf));
+	if (send(fd, buf, n, MSG_NOSIGNAL) != (ssize_t)n)
+		return false;
+	if (poll(&p, 1, 1000) <= 0)
+		return false;
+	return recv(fd, buf, sizeof(buf), 0) > 0;
+}
+
 static int listen_on(const char *path)
 {
 	struct sockaddr_un a = { .sun_family = AF_UNIX };
@@ -257,7 +280,8 @@ static int listen_on(const char *path)
 	}
 	/* another kvd answering there? then refuse; a dead socket file is removed */
 	probe = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-	if (probe >= 0 && connect(probe, (struct sockaddr *)&a, sizeof(a)) == 0) {
+	if (probe >= 0 && connect(probe, (struct sockaddr *)&a, sizeof(a)) == 0 &&
+	    answers(probe)) {
 		close(probe);
 		fprintf(stderr, "kvd: another kvd already answers on %s\n", path);
 		return -1;

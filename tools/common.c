@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -53,12 +54,14 @@ static int connect_to(const char *path)
 
 int tool_kvd_answers(const char *path)
 {
-	int fd = connect_to(path);
+	int code;
+	const char *msg;
+	/* a real question: a connect alone can succeed on a dead kvd's socket
+	 * while the kernel is still tearing its io_uring down */
+	char *text = tool_request(path, KV_MSG_STATUS_REQ, KV_STATUS_JOBS, NULL, &code, &msg);
 
-	if (fd < 0)
-		return 0;
-	close(fd);
-	return 1;
+	free(text);
+	return text != NULL || code == KV_ERR_PERM;
 }
 
 /* The kvd next to this program (build/bin/kvd beside build/bin/kvrun), else "kvd". */
@@ -179,15 +182,21 @@ char *tool_request(const char *path, uint16_t type, uint32_t what, const char *j
 		goto out_fail;
 	}
 	for (;;) {
-		ssize_t got = seg_recv(fd, buf, sizeof(buf), fds, SEG_MAX_FDS, &nfds);
+		struct pollfd p = { .fd = fd, .events = POLLIN };
+		ssize_t got = -1;
 		const char *why;
+
+		if (poll(&p, 1, 10000) > 0)
+			got = seg_recv(fd, buf, sizeof(buf), fds, SEG_MAX_FDS, &nfds);
+		else
+			nfds = 0;
 
 		for (int i = 0; i < nfds; i++)
 			close(fds[i]);
 		if (got <= 0 || kv_msg_decode(buf, (size_t)got, &r, &why)) {
 			*code = KV_ERR_DAEMON;
-			snprintf(sentence, sizeof(sentence), "kvd on %s closed the connection",
-				 path);
+			snprintf(sentence, sizeof(sentence),
+				 "kvd on %s closed the connection or did not answer", path);
 			goto out_fail;
 		}
 		if (r.type == KV_MSG_ERROR) {

@@ -176,26 +176,25 @@ int run_ranks(const struct kvd_proc *k, const char *job, int n, rank_fn fn, void
 	}
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	while (left > 0) {
-		int st;
-		pid_t p = waitpid(-1, &st, WNOHANG);
-		if (p > 0) {
-			for (int r = 0; r < n; r++) {
-				if (pids[r] != p)
-					continue;
-				pids[r] = 0;
-				left--;
-				if (!failed && !(WIFEXITED(st) && WEXITSTATUS(st) == 0)) {
-					failed = 1;
-					if (WIFEXITED(st))
-						snprintf(why, whylen, "rank %d exited with %d", r,
-							 WEXITSTATUS(st));
-					else
-						snprintf(why, whylen, "rank %d killed by signal %d",
-							 r, WTERMSIG(st));
-				}
-			}
-			continue;
+		int st, reaped = 0;
+
+		/* wait for our ranks only: kvd is a child of this process too */
+		for (int r = 0; r < n; r++) {
+			if (pids[r] <= 0 || waitpid(pids[r], &st, WNOHANG) != pids[r])
+				continue;
+			pids[r] = 0;
+			left--;
+			reaped = 1;
+			if (failed || (WIFEXITED(st) && WEXITSTATUS(st) == 0))
+				continue;
+			failed = 1;
+			if (WIFEXITED(st))
+				snprintf(why, whylen, "rank %d exited with %d", r, WEXITSTATUS(st));
+			else
+				snprintf(why, whylen, "rank %d killed by signal %d", r, WTERMSIG(st));
 		}
+		if (reaped)
+			continue;
 		clock_gettime(CLOCK_MONOTONIC, &t);
 		if (t.tv_sec - t0.tv_sec > timeout_s) {
 			if (!failed)

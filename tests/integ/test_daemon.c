@@ -1,0 +1,134 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * test_daemon.c - kvd stopping cleanly under ranks, and one store shared by
+ * several threads of a rank.
+ */
+#include <criterion/criterion.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "harness.h"
+
+static double now_s(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* rank 0 waits in a round rank 1 never joins; rank 1 signals kvd to stop */
+static int sigterm_rank(int rank, int n, const struct kvd_proc *k, void *arg)
+{
+	kv_store *kv = open_rank(10000);
+	float v[64] = { 0 };
+
+	CHECK(kv, "open");
+	CHECK_RC(kv_init(kv, "w", v, 64, KV_FLOAT32), KV_OK);
+	if (rank == 1) {
+		usleep(200000);
+		kill(k->pid, SIGTERM);
+		usleep(500000);
+		return 0;
+	}
+	double t0 = now_s();
+	int rc = kv_pushpull(kv, "w", v, NULL, 64, KV_FLOAT32, 0);
+	CHECK(rc == KV_ERR_DAEMON, "pending pushpull returned %d (%s), want KV_ERR_DAEMON", rc,
+	      kv_last_error(kv));
+	CHECK(now_s() - t0 < 3, "it took %.1f s", now_s() - t0);
+	CHECK(strlen(kv_last_error(kv)) > 0, "a sentence");
+	rc = kv_pushpull(kv, "w", v, NULL, 64, KV_FLOAT32, 0);
+	CHECK(rc == KV_ERR_DAEMON, "a later op: %d", rc);
+	kv_close(kv);
+	return 0;
+}
+
+Test(daemon, sigterm_fails_pending_ops_and_exits_0, .timeout = 30)
+{
+	struct kvd_proc k;
+	char why[256];
+
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	int rc = run_ranks(&k, "term", 2, sigterm_rank, NULL, 20, why, sizeof(why));
+	cr_assert_eq(rc, 0, "%s", why);
+	/* kvd already exited on its own after SIGTERM: reap it and check how */
+	kvd_stop(&k);
+}
+
+struct thr {
+	kv_store *kv;
+	int rank, n, t;
+	int bad;
+};
+
+#define THREADS 4
+#define ROUNDS 50
+#define COUNT 3000
+
+static void *thread_main(void *arg)
+{
+	struct thr *th = arg;
+	char key[16];
+	int32_t *v = malloc(COUNT * sizeof(int32_t));
+
+	snprintf(key, sizeof(key), "t%d", th->t);
+	for (int r = 0; r < ROUNDS && !th->bad; r++) {
+		for (int i = 0; i < COUNT; i++)
+			v[i] = (th->rank + 1) * 1000 + th->t * 100 + r + i;
+		if (kv_pushpull(th->kv, key, v, NULL, COUNT, KV_INT32, 0) != KV_OK) {
+			th->bad = 1;
+			break;
+		}
+		for (int i = 0; i < COUNT; i++) {
+			int64_t want = 0;
+			for (int q = 0; q < th->n; q++)
+				want += (q + 1) * 1000 + th->t * 100 + r + i;
+			if (v[i] != (int32_t)want) {
+				th->bad = 2;
+				break;
+			}
+		}
+	}
+	free(v);
+	return NULL;
+}
+
+static int threads_rank(int rank, int n, const struct kvd_proc *k, void *arg)
+{
+	kv_store *kv = open_rank(20000);
+	pthread_t tid[THREADS];
+	struct thr th[THREADS];
+	int32_t zero[COUNT] = { 0 };
+
+	CHECK(kv, "open");
+	for (int t = 0; t < THREADS; t++) {
+		char key[16];
+		snprintf(key, sizeof(key), "t%d", t);
+		CHECK_RC(kv_init(kv, key, zero, COUNT, KV_INT32), KV_OK);
+	}
+	for (int t = 0; t < THREADS; t++) {
+		th[t] = (struct thr){ kv, rank, n, t, 0 };
+		pthread_create(&tid[t], NULL, thread_main, &th[t]);
+	}
+	for (int t = 0; t < THREADS; t++) {
+		pthread_join(tid[t], NULL);
+		CHECK(th[t].bad == 0, "thread %d: %s (%s)", t,
+		      th[t].bad == 1 ? "an op failed" : "a wrong sum", kv_last_error(kv));
+	}
+	kv_close(kv);
+	return 0;
+}
+
+Test(daemon, one_store_shared_by_threads, .timeout = 60)
+{
+	struct kvd_proc k;
+	char why[256];
+
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	int rc = run_ranks(&k, "threads", 2, threads_rank, NULL, 50, why, sizeof(why));
+	kvd_stop(&k);
+	cr_assert_eq(rc, 0, "%s", why);
+}

@@ -1,0 +1,245 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * test_tools.c - kvrun and kvctl as a user runs them: environment of the
+ * ranks, the private kvd, exit statuses, signal forwarding, status output.
+ */
+#include <criterion/criterion.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "harness.h"
+
+/* Run a shell command line; returns its exit status (128+N for signal N). */
+static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int sh(const char *fmt, ...)
+{
+	char cmd[4096];
+	va_list ap;
+	int st;
+
+	va_start(ap, fmt);
+	vsnprintf(cmd, sizeof(cmd), fmt, ap);
+	va_end(ap);
+	st = system(cmd);
+	if (st == -1)
+		return -1;
+	return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+static char *slurp(const char *path)
+{
+	static char buf[65536];
+	FILE *f = fopen(path, "r");
+	size_t n;
+
+	if (!f)
+		return NULL;
+	n = fread(buf, 1, sizeof(buf) - 1, f);
+	buf[n] = '\0';
+	fclose(f);
+	return buf;
+}
+
+Test(kvrun, sets_the_environment_of_each_rank, .timeout = 30)
+{
+	char kvrun[512], out[] = "/tmp/kvrun-env.XXXXXX";
+	struct kvd_proc k;
+	int fd = mkstemp(out);
+
+	cr_assert_geq(fd, 0);
+	close(fd);
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	bin_path("kvrun", kvrun, sizeof(kvrun));
+	cr_assert_eq(sh("%s -n 3 --socket %s --job envjob -- sh -c "
+			"'echo \"$KVD_RANK $KVD_NUM_WORKERS $KVD_JOB $KVD_SOCKET\" >> %s'",
+			kvrun, k.sock, out),
+		     0);
+	char *text = slurp(out);
+	cr_assert_not_null(text);
+	for (int r = 0; r < 3; r++) {
+		char want[256];
+		snprintf(want, sizeof(want), "%d 3 envjob %s\n", r, k.sock);
+		cr_assert_not_null(strstr(text, want), "rank %d's line missing from:\n%s", r, text);
+	}
+	unlink(out);
+	kvd_stop(&k);
+}
+
+Test(kvrun, starts_a_private_kvd_and_stops_it, .timeout = 60)
+{
+	char kvrun[512], demo[512], dir[] = "/tmp/kvrun-priv.XXXXXX", sock[128];
+	const char *bindir = getenv("KVD_BIN_DIR");
+
+	cr_assert_not_null(mkdtemp(dir));
+	snprintf(sock, sizeof(sock), "%s/private.sock", dir);
+	bin_path("kvrun", kvrun, sizeof(kvrun));
+	snprintf(demo, sizeof(demo), "%s/../examples/train_linreg", bindir ? bindir : "build/bin");
+	/* nothing answers on sock: kvrun starts kvd there, the job trains, kvd stops */
+	cr_assert_eq(sh("%s -q -n 2 --socket %s -- %s --epochs 3 > /dev/null", kvrun, sock, demo),
+		     0);
+	struct stat st;
+	cr_assert_neq(stat(sock, &st), 0, "the private kvd removed its socket when it stopped");
+	/* with no --socket and no $KVD_SOCKET kvd, it picks a temporary socket */
+	cr_assert_eq(sh("KVD_SOCKET=%s/none.sock %s -q -n 2 -- %s --epochs 2 > /dev/null", dir,
+			kvrun, demo),
+		     0);
+	rmdir(dir);
+}
+
+Test(kvrun, a_failing_rank_stops_the_others, .timeout = 60)
+{
+	char kvrun[512];
+	struct kvd_proc k;
+	struct timespec t0, t1;
+
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	bin_path("kvrun", kvrun, sizeof(kvrun));
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	/* rank 1 exits 7 at once; the others would sleep for a minute */
+	int rc = sh("%s -q -n 3 --socket %s --grace-ms 500 -- sh -c "
+		    "'if [ $KVD_RANK = 1 ]; then exit 7; fi; exec sleep 60' 2>/dev/null",
+		    kvrun, k.sock);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	cr_assert_eq(rc, 7, "kvrun exits with the failed rank's status (got %d)", rc);
+	cr_assert_lt(t1.tv_sec - t0.tv_sec, 10, "the sleeping ranks were stopped");
+	/* a rank killed by a signal: 128 + the signal */
+	rc = sh("%s -q -n 2 --socket %s -- sh -c "
+		"'if [ $KVD_RANK = 0 ]; then kill -9 $$; fi; exec sleep 60' 2>/dev/null",
+		kvrun, k.sock);
+	cr_assert_eq(rc, 128 + 9, "got %d", rc);
+	/* all good: 0 */
+	cr_assert_eq(sh("%s -q -n 4 --socket %s -- true", kvrun, k.sock), 0);
+	kvd_stop(&k);
+}
+
+Test(kvrun, forwards_sigterm_to_the_ranks, .timeout = 30)
+{
+	char kvrun[512], marker[] = "/tmp/kvrun-sig.XXXXXX";
+	struct kvd_proc k;
+	pid_t pid;
+	int st, fd = mkstemp(marker);
+
+	cr_assert_geq(fd, 0);
+	close(fd);
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	bin_path("kvrun", kvrun, sizeof(kvrun));
+	pid = fork();
+	if (pid == 0) {
+		char cmd[600];
+		snprintf(cmd, sizeof(cmd),
+			 "trap 'echo got-term-$KVD_RANK >> %s; exit 0' TERM; "
+			 "echo up-$KVD_RANK >> %s; while :; do sleep 0.05; done",
+			 marker, marker);
+		execl(kvrun, kvrun, "-q", "-n", "2", "--socket", k.sock, "--", "sh", "-c", cmd,
+		      (char *)NULL);
+		_exit(127);
+	}
+	/* wait until both ranks are up, then signal kvrun alone */
+	for (int i = 0; i < 200; i++) {
+		char *t = slurp(marker);
+		if (t && strstr(t, "up-0") && strstr(t, "up-1"))
+			break;
+		usleep(20000);
+	}
+	kill(pid, SIGTERM);
+	cr_assert_eq(waitpid(pid, &st, 0), pid);
+	char *t = slurp(marker);
+	cr_assert(t && strstr(t, "got-term-0") && strstr(t, "got-term-1"),
+		  "both ranks saw SIGTERM:\n%s", t ? t : "");
+	cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 128 + SIGTERM,
+		  "kvrun reports the signal (status %d)", WEXITSTATUS(st));
+	unlink(marker);
+	kvd_stop(&k);
+}
+
+Test(kvrun, usage_errors, .timeout = 30)
+{
+	char kvrun[512];
+
+	bin_path("kvrun", kvrun, sizeof(kvrun));
+	cr_assert_eq(sh("%s -- true 2>/dev/null", kvrun), 2, "-n is required");
+	cr_assert_eq(sh("%s -n 0 -- true 2>/dev/null", kvrun), 2);
+	cr_assert_eq(sh("%s -n 2 2>/dev/null", kvrun), 2, "a command is required");
+	cr_assert_eq(sh("%s --help > /dev/null", kvrun), 0);
+}
+
+Test(kvctl, status_json_and_metrics, .timeout = 60)
+{
+	char kvrun[512], kvctl[512], demo[512], out[] = "/tmp/kvctl-out.XXXXXX";
+	const char *bindir = getenv("KVD_BIN_DIR");
+	struct kvd_proc k;
+	int fd = mkstemp(out);
+
+	cr_assert_geq(fd, 0);
+	close(fd);
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	bin_path("kvrun", kvrun, sizeof(kvrun));
+	bin_path("kvctl", kvctl, sizeof(kvctl));
+	snprintf(demo, sizeof(demo), "%s/../examples/train_linreg", bindir ? bindir : "build/bin");
+	cr_assert_eq(sh("%s -q -n 2 --socket %s -- %s --epochs 2 > /dev/null", kvrun, k.sock,
+			demo),
+		     0);
+	cr_assert_eq(sh("%s --socket %s status --json > %s", kvctl, k.sock, out), 0);
+	cr_assert_eq(sh("python3 -m json.tool %s > /dev/null", out), 0, "status --json parses");
+	cr_assert_eq(sh("%s --socket %s metrics > %s", kvctl, k.sock, out), 0);
+	char *m = slurp(out);
+	cr_assert_not_null(strstr(m, "# TYPE kvd_uptime_seconds gauge"));
+	cr_assert_eq(sh("%s --socket %s status > /dev/null", kvctl, k.sock), 0);
+	cr_assert_eq(sh("%s --socket %s jobs > /dev/null", kvctl, k.sock), 0);
+	cr_assert_eq(sh("%s --socket %s drop nosuchjob 2>/dev/null", kvctl, k.sock), 4,
+		     "an unknown job exits 4");
+	cr_assert_eq(sh("%s --socket %s/none status 2>%s", kvctl, k.dir, out), 1);
+	cr_assert_not_null(strstr(slurp(out), "no kvd answering on"), "%s", slurp(out));
+	cr_assert_eq(sh("%s --socket %s bogus 2>/dev/null", kvctl, k.sock), 2);
+	unlink(out);
+	kvd_stop(&k);
+}
+
+Test(kvd, refuses_a_second_daemon_and_removes_a_stale_socket, .timeout = 30)
+{
+	char kvd[512];
+	struct kvd_proc k;
+
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	bin_path("kvd", kvd, sizeof(kvd));
+	cr_assert_eq(sh("%s --socket %s 2>/dev/null", kvd, k.sock), 1,
+		     "a second kvd on a live socket refuses to start");
+	kvd_stop(&k);
+	/* a socket file nobody listens on is stale: a new kvd takes its place,
+	 * also right after kill -9 (when the dead kvd's io_uring may still hold
+	 * the old socket open for a moment) */
+	struct kvd_proc k2;
+	cr_assert_eq(kvd_start(&k2, NULL), 0);
+	kill(k2.pid, SIGKILL);
+	waitpid(k2.pid, NULL, 0);
+	struct stat st;
+	cr_assert_eq(stat(k2.sock, &st), 0, "the killed kvd left its socket file");
+	pid_t p = fork();
+	if (p == 0) {
+		int fd = open("/dev/null", O_WRONLY);
+		dup2(fd, 2);
+		execl(kvd, kvd, "--socket", k2.sock, (char *)NULL);
+		_exit(127);
+	}
+	int ok = 0;
+	for (int i = 0; i < 200 && !ok; i++) {
+		usleep(10000);
+		ok = sh("%s/../bin/kvctl --socket %s status > /dev/null 2>&1",
+			getenv("KVD_BIN_DIR") ? getenv("KVD_BIN_DIR") : "build/bin", k2.sock) == 0;
+	}
+	kill(p, SIGTERM);
+	waitpid(p, NULL, 0);
+	k2.pid = 0;
+	kvd_stop(&k2);
+	cr_assert(ok, "kvd started over a stale socket file");
+	cr_assert_eq(sh("%s --bogus 2>/dev/null", kvd), 2);
+	cr_assert_eq(sh("%s --help > /dev/null", kvd), 0);
+}
