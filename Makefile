@@ -116,7 +116,7 @@ ifeq ($(NVCC),)
 endif
 
 # ---------------------------------------------------------------- deps
-DEB_PKGS := liburing-dev libjemalloc-dev libcriterion-dev pkg-config python3
+DEB_PKGS := liburing-dev libjemalloc-dev libcriterion-dev pkg-config python3 systemd
 deps:
 	$(Q)missing=""; for p in $(DEB_PKGS); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
@@ -193,10 +193,16 @@ check: all
 		$(B)/examples/train_linreg --epochs 5 | tail -1 && \
 		! grep -q ThreadSanitizer $(B)/demo-kvd.log
 else
+# The integration suites run twice: as kvd is configured by default (keys up
+# to 1 MiB in direct rounds), then with every round through kvd's engine.
+ENGINE_SUITES := '@(smoke|pushpull|async|keys|errors|faults|mxnet|daemon)/*'
+TEST_ENV = KVD_BIN_DIR=$(abspath $(B)/bin) KVD_BUILD=$(abspath $(B)) \
+	   LSAN_OPTIONS=suppressions=$(abspath tests/lsan.supp):print_suppressions=0
 check: all
-	$(Q)KVD_BIN_DIR=$(abspath $(B)/bin) KVD_BUILD=$(abspath $(B)) \
-		LSAN_OPTIONS=suppressions=$(abspath tests/lsan.supp):print_suppressions=0 \
-		$(TESTBIN) --jobs 2 $(KVTEST_ARGS)
+	$(Q)$(TEST_ENV) $(TESTBIN) --jobs 2 $(KVTEST_ARGS)
+	$(Q)echo "  engine path: the integration suites again with kvd --direct-max 0"
+	$(Q)$(TEST_ENV) KVTEST_KVD_ARGS="--direct-max 0" $(TESTBIN) --jobs 2 \
+		--filter $(ENGINE_SUITES) $(KVTEST_ARGS)
 ifneq ($(GPU_TESTBIN),)
 	$(Q)$(GPU_TESTBIN) --jobs 1
 endif
@@ -215,5 +221,83 @@ format:
 
 clean:
 	rm -rf build
+
+# ================================================================ install (systemd/, kv.pc)
+# make install [PREFIX=/usr/local] [DESTDIR=]: kvd into sbin (a system daemon,
+# run by systemd), the tools into bin, libkv (.so with its soname links, .a),
+# kv.h, a generated kv.pc, the units and the sysusers.d / tmpfiles.d files,
+# README.md (the units' Documentation=).
+# Every directory may be overridden (LIBDIR=/usr/lib/x86_64-linux-gnu, say).
+# make uninstall removes exactly what install puts there.
+BINDIR ?= $(PREFIX)/bin
+SBINDIR ?= $(PREFIX)/sbin
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
+DOCDIR ?= $(PREFIX)/share/doc/kvd
+INSTALL ?= install
+
+INSTALL_TOOLS := $(addprefix $(B)/bin/,$(TOOLS))
+# What a program linked against libkv.a needs besides it (measured by linking
+# one): with CUDA, the static CUDA runtime libkv.a was built against (its
+# version must match the nvcc that built the kernels) and the C++ runtime;
+# then libc's pthread, dl and rt parts (separate libraries before glibc 2.34,
+# so after the archives that use them) and libm (unused today; the optimizer
+# kernels will want sqrt).
+KV_PC_PRIVATE := $(if $(NVCC),-L$${cudalibdir} -lcudart_static -lstdc++) -lpthread -ldl -lrt -lm
+
+$(B)/kv.pc: Makefile
+	@mkdir -p $(@D)
+	$(call say,GEN,$@)printf '%s\n' \
+		'prefix=$(PREFIX)' \
+		'libdir=$(if $(filter $(PREFIX)/%,$(LIBDIR)),$${prefix}/$(patsubst $(PREFIX)/%,%,$(LIBDIR)),$(LIBDIR))' \
+		'includedir=$(if $(filter $(PREFIX)/%,$(INCLUDEDIR)),$${prefix}/$(patsubst $(PREFIX)/%,%,$(INCLUDEDIR)),$(INCLUDEDIR))' \
+		$(if $(NVCC),'cudalibdir=$(CUDA_HOME)/lib64') \
+		'' \
+		'Name: kv' \
+		'Description: client library of kvd, the node-local gradient aggregation daemon' \
+		'Version: $(VERSION)' \
+		'Libs: -L$${libdir} -lkv' \
+		'Libs.private: $(strip $(KV_PC_PRIVATE))' \
+		'Cflags: -I$${includedir}' > $@.tmp && mv $@.tmp $@
+
+# kv.pc depends on PREFIX and LIBDIR, which may differ from the last run
+.PHONY: $(B)/kv.pc
+
+install: $(LIB_SO) $(LIB_A) $(BINS) $(B)/kv.pc
+	$(call say,INSTALL,$(DESTDIR)$(PREFIX))$(INSTALL) -d $(DESTDIR)$(BINDIR) \
+		$(DESTDIR)$(SBINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) \
+		$(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) \
+		$(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(DOCDIR)
+	$(Q)$(INSTALL) -m 0755 $(B)/bin/kvd $(DESTDIR)$(SBINDIR)/kvd
+	$(Q)$(if $(INSTALL_TOOLS),$(INSTALL) -m 0755 $(INSTALL_TOOLS) $(DESTDIR)$(BINDIR)/)
+	$(Q)$(INSTALL) -m 0755 $(LIB_SO).$(VERSION) $(DESTDIR)$(LIBDIR)/libkv.so.$(VERSION)
+	$(Q)ln -sf libkv.so.$(VERSION) $(DESTDIR)$(LIBDIR)/libkv.so.$(SOVER)
+	$(Q)ln -sf libkv.so.$(SOVER) $(DESTDIR)$(LIBDIR)/libkv.so
+	$(Q)$(INSTALL) -m 0644 $(LIB_A) $(DESTDIR)$(LIBDIR)/libkv.a
+	$(Q)$(INSTALL) -m 0644 include/kv.h $(DESTDIR)$(INCLUDEDIR)/kv.h
+	$(Q)$(INSTALL) -m 0644 $(B)/kv.pc $(DESTDIR)$(PKGCONFIGDIR)/kv.pc
+	$(Q)for u in kvd.service kvd.socket; do \
+		sed -e 's|^ExecStart=/usr/sbin/kvd|ExecStart=$(SBINDIR)/kvd|' \
+		    -e 's|^Documentation=file:///usr/share/doc/kvd/|Documentation=file://$(DOCDIR)/|' \
+		    systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
+	done
+	$(Q)$(INSTALL) -m 0644 README.md $(DESTDIR)$(DOCDIR)/README.md
+	$(Q)$(INSTALL) -m 0644 systemd/kvd.sysusers $(DESTDIR)$(SYSUSERSDIR)/kvd.conf
+	$(Q)$(INSTALL) -m 0644 systemd/kvd.tmpfiles $(DESTDIR)$(TMPFILESDIR)/kvd.conf
+
+uninstall:
+	$(call say,RM,$(DESTDIR)$(PREFIX))rm -f $(DESTDIR)$(SBINDIR)/kvd \
+		$(addprefix $(DESTDIR)$(BINDIR)/,$(TOOLS)) \
+		$(addprefix $(DESTDIR)$(LIBDIR)/,libkv.so libkv.so.$(SOVER) libkv.so.$(VERSION) libkv.a) \
+		$(DESTDIR)$(INCLUDEDIR)/kv.h $(DESTDIR)$(PKGCONFIGDIR)/kv.pc \
+		$(DESTDIR)$(UNITDIR)/kvd.service $(DESTDIR)$(UNITDIR)/kvd.socket \
+		$(DESTDIR)$(SYSUSERSDIR)/kvd.conf $(DESTDIR)$(TMPFILESDIR)/kvd.conf \
+		$(DESTDIR)$(DOCDIR)/README.md
+	$(Q)rmdir $(DESTDIR)$(DOCDIR) 2>/dev/null || true
+# ================================================================ end of install
 
 -include $(ALL_OBJ:.o=.d)

@@ -10,6 +10,13 @@
  * connection is torn down only when its recvmsg completes with EOF or an
  * error (after an eviction, kvd shuts the socket down to get there), so no
  * io_uring operation ever points at a freed connection.
+ *
+ * Under systemd (notify.c) the loop also tells the manager READY=1 once its
+ * accept is armed, a STATUS= line when ranks join or leave (at most one a
+ * second; a change inside that second arms an io_uring timeout that sends
+ * the state as it is then), STOPPING=1 on SIGTERM/SIGINT, and WATCHDOG=1 on
+ * every tick of a timerfd read through the ring at half the watchdog
+ * period: a loop that hangs stops pinging, and systemd restarts kvd.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -21,6 +28,7 @@
 #include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include "kvd.h"
@@ -30,7 +38,9 @@
 #define RING_DEPTH 256
 #define CMSG_BUF 64
 
-enum tag { T_CONN = 0, T_ACCEPT = 1, T_SIGNAL = 2, T_EVICT = 3 };
+enum tag { T_CONN = 0, T_ACCEPT = 1, T_SIGNAL = 2, T_EVICT = 3, T_WATCHDOG = 4, T_STATUS = 5 };
+
+#define STATUS_MIN_INTERVAL 1.0 /* seconds between two STATUS= notifications */
 
 struct conn {
 	struct conn *next, *prev;
@@ -57,6 +67,13 @@ struct ctl {
 	struct signalfd_siginfo si;
 	uint64_t evval;
 	bool stop;
+
+	/* sd_notify */
+	int wdfd;                           /* watchdog timerfd, or -1 */
+	uint64_t wdval;                     /* its expiration count */
+	struct __kernel_timespec status_ts; /* read by the kernel at submit */
+	bool status_armed;                  /* a T_STATUS timeout is pending */
+	double status_last;                 /* when the last STATUS= went out */
 };
 
 static void *tagged(void *p, enum tag t)
@@ -151,6 +168,76 @@ static int reply_error(struct conn *cn, uint32_t seq, int code, const char *text
 	return send_msg(cn, &m, NULL, 0);
 }
 
+/* ------------------------------------------------------------------ sd_notify */
+
+/* "2 jobs, 5 ranks": what `systemctl status kvd` shows under Status: */
+static void status_text(struct ctl *x, char *buf, size_t len)
+{
+	struct kvd *d = x->d;
+	unsigned jobs = 0, ranks = 0;
+
+	pthread_mutex_lock(&d->lock);
+	for (struct job *j = d->jobs; j; j = j->next) {
+		jobs++;
+		ranks += (unsigned)j->present;
+	}
+	pthread_mutex_unlock(&d->lock);
+	snprintf(buf, len, "%u job%s, %u rank%s", jobs, jobs == 1 ? "" : "s", ranks,
+		 ranks == 1 ? "" : "s");
+}
+
+static void status_send(struct ctl *x)
+{
+	char text[128];
+
+	status_text(x, text, sizeof(text));
+	notify_sendf("STATUS=%s", text);
+	x->status_last = kvd_now();
+}
+
+/* A rank joined or left: tell systemd now, or at most a second from the last time. */
+static void status_changed(struct ctl *x)
+{
+	double wait;
+	struct io_uring_sqe *s;
+
+	if (!notify_enabled() || x->status_armed || x->stop)
+		return;
+	wait = x->status_last + STATUS_MIN_INTERVAL - kvd_now();
+	if (wait <= 0) {
+		status_send(x);
+		return;
+	}
+	x->status_ts.tv_sec = (long long)wait;
+	x->status_ts.tv_nsec = (long long)((wait - (double)x->status_ts.tv_sec) * 1e9);
+	s = get_sqe(x);
+	io_uring_prep_timeout(s, &x->status_ts, 0, 0);
+	io_uring_sqe_set_data(s, tagged(NULL, T_STATUS));
+	x->status_armed = true;
+}
+
+/* WATCHDOG=1 at half of WatchdogSec, as sd_watchdog_enabled(3) advises */
+static int watchdog_start(struct ctl *x)
+{
+	uint64_t half = notify_watchdog_usec() / 2;
+	struct itimerspec it = { 0 };
+
+	x->wdfd = -1;
+	if (!half)
+		return 0;
+	x->wdfd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC);
+	if (x->wdfd < 0)
+		return -errno;
+	it.it_value.tv_sec = (time_t)(half / 1000000);
+	it.it_value.tv_nsec = (long)(half % 1000000) * 1000;
+	it.it_interval = it.it_value;
+	if (timerfd_settime(x->wdfd, 0, &it, NULL) < 0)
+		return -errno;
+	arm_read(x, x->wdfd, &x->wdval, sizeof(x->wdval), T_WATCHDOG);
+	kvd_log("watchdog: pinging systemd every %.3f s", (double)half * 1e-6);
+	return 0;
+}
+
 /* ------------------------------------------------------------------ handlers */
 
 /* Returns 0 to keep the connection, < 0 to close it. */
@@ -228,9 +315,10 @@ static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	__atomic_add_fetch(&d->nclients, 1, __ATOMIC_RELAXED);
 	cn->cl = c;
 	engine_post(d, EV_JOIN, c, NULL);
+	status_changed(x);
 
 	struct kv_msg w = { .type = KV_MSG_WELCOME, .seq = m->seq };
-	int fds[2] = { c->ring_fd, engine_doorbell(d) };
+	int fds[3] = { c->ring_fd, engine_doorbell(d), j->board_fd };
 
 	w.u.welcome.client_id = c->id;
 	w.u.welcome.seg_size = c->ring_size;
@@ -241,7 +329,7 @@ static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	snprintf(w.u.welcome.version, sizeof(w.u.welcome.version), "%s", KV_VERSION);
 	kvd_log("join job=%s rank=%d/%d pid=%d uid=%u%s", name, rank, nw, (int)cn->pid,
 		(unsigned)cn->uid, created ? " (new job)" : "");
-	return send_msg(cn, &w, fds, 2) ? -1 : 0;
+	return send_msg(cn, &w, fds, 3) ? -1 : 0;
 
 out_refuse:
 	pthread_mutex_unlock(&d->lock);
@@ -268,8 +356,17 @@ static int on_key_open(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	r.u.key.part_elems = k->part_elems;
 	r.u.key.dtype = (uint8_t)k->dtype;
 	r.u.key.flags = (uint8_t)((created ? KV_KEYF_CREATED : 0) |
-				  (__atomic_load_n(&k->has_value, __ATOMIC_ACQUIRE) ? KV_KEYF_VALUE
-										    : 0));
+				  (key_has_value(k) ? KV_KEYF_VALUE : 0));
+	if (k->dkey) {
+		/* the segment goes along every time; a client that maps it already
+		 * closes the copy */
+		const struct seginfo *sg = &c->job->direct_segs[k->dseg];
+		r.u.key.flags |= KV_KEYF_DIRECT;
+		r.u.key.dseg = k->dseg;
+		r.u.key.doff = k->doff;
+		r.u.key.dsize = sg->size;
+		return send_msg(cn, &r, &sg->fd, 1) ? -1 : 0;
+	}
 	return send_msg(cn, &r, NULL, 0) ? -1 : 0;
 }
 
@@ -477,6 +574,7 @@ static void conn_close(struct ctl *x, struct conn *cn)
 		cn->cl = NULL;
 		/* from here on the engine owns c */
 		engine_post(d, EV_LEAVE, c, last ? j : NULL);
+		status_changed(x);
 	}
 	if (cn->prev)
 		cn->prev->next = cn->next;
@@ -509,6 +607,7 @@ static void on_signal(struct ctl *x)
 	const char *name = strsignal((int)x->si.ssi_signo);
 
 	kvd_log("%s: finishing rounds in flight, then stopping", name ? name : "signal");
+	notify_send("STOPPING=1\nSTATUS=stopping: finishing rounds in flight");
 	x->stop = true;
 }
 
@@ -535,6 +634,21 @@ static void on_cqe(struct ctl *x, struct io_uring_cqe *cqe)
 	case T_EVICT:
 		on_evict(x);
 		arm_read(x, x->evfd, &x->evval, sizeof(x->evval), T_EVICT);
+		break;
+	case T_WATCHDOG:
+		/* the loop turned since the last tick: it is alive */
+		if (cqe->res == (int)sizeof(x->wdval))
+			notify_send("WATCHDOG=1");
+		if (cqe->res == (int)sizeof(x->wdval) || cqe->res == -EINTR || cqe->res == -EAGAIN)
+			arm_read(x, x->wdfd, &x->wdval, sizeof(x->wdval), T_WATCHDOG);
+		else /* no more pings: systemd will restart a kvd it cannot watch */
+			kvd_log("watchdog timerfd: %s; pings stop",
+				cqe->res < 0 ? strerror(-cqe->res) : "short read");
+		break;
+	case T_STATUS: /* -ETIME: the timeout expired */
+		x->status_armed = false;
+		if (!x->stop)
+			status_send(x);
 		break;
 	case T_CONN: {
 		int fds[SEG_MAX_FDS], nfds = 0;
@@ -597,6 +711,27 @@ int ctl_run(struct kvd *d)
 	arm_accept(x);
 	arm_read(x, x->sigfd, &x->si, sizeof(x->si), T_SIGNAL);
 	arm_read(x, x->evfd, &x->evval, sizeof(x->evval), T_EVICT);
+	err = watchdog_start(x);
+	if (err) {
+		kvd_log("watchdog timerfd: %s", strerror(-err));
+		return err;
+	}
+	/* the accept is in the kernel before systemd hears READY=1 (a connect made
+	 * before it would wait in the listen backlog anyway) */
+	err = io_uring_submit(&x->ring);
+	if (err < 0) {
+		kvd_log("io_uring_submit: %s", strerror(-err));
+		return err;
+	}
+	if (notify_enabled()) {
+		char text[128];
+
+		status_text(x, text, sizeof(text));
+		notify_sendf("READY=1\nSTATUS=%s", text);
+		x->status_last = kvd_now();
+		if (notify_watchdog_usec())
+			notify_send("WATCHDOG=1");
+	}
 
 	while (!x->stop) {
 		struct io_uring_cqe *cqe;
@@ -628,6 +763,8 @@ int ctl_run(struct kvd *d)
 	io_uring_queue_exit(&x->ring);
 	close(x->sigfd);
 	close(x->evfd);
+	if (x->wdfd >= 0)
+		close(x->wdfd);
 	free(x);
 	d->ctl = NULL;
 	return 0;

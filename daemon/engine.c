@@ -796,7 +796,7 @@ static void take(struct engine *e, struct client *c, const struct kv_sqe *s)
 		complete(e, x, KV_ERR_MISMATCH, 0);
 		return;
 	}
-	if (s->part >= k->nparts) {
+	if (s->part >= k->nparts || k->dkey) { /* direct keys never come through here */
 		complete(e, x, KV_ERR_INVALID, 0);
 		return;
 	}
@@ -1022,6 +1022,9 @@ static void on_join(struct engine *e, struct client *c)
 	e->clients = c;
 	j->eng_ranks[c->rank] = c;
 	j->eng_present++;
+	job_board_present(j, c->rank, true);
+	if (j->eng_present == j->num_workers && !j->dropped && !e->shutting_down)
+		job_board_set(j, KV_BOARD_OK);
 	if (j->eng_present == j->num_workers && !j->complete_once) {
 		j->complete_once = true;
 		start_held(e, j);
@@ -1057,6 +1060,10 @@ static void on_leave(struct engine *e, struct client *c, bool last)
 	}
 	j->eng_ranks[c->rank] = NULL;
 	j->eng_present--;
+	job_board_present(j, c->rank, false);
+	job_direct_forget(j, c->rank);
+	if (j->complete_once && !j->dropped && !e->shutting_down)
+		job_board_set(j, KV_BOARD_BROKEN);
 	if (j->complete_once)
 		job_fail_pending(e, j, c->rank, KV_ERR_PEER);
 	if (last)
@@ -1087,12 +1094,15 @@ static int drain_events(struct engine *e)
 			break;
 		case EV_DROP:
 			ev->j->dropped = true;
+			job_board_set(ev->j, KV_BOARD_DROPPED);
 			job_fail_pending(e, ev->j, -1, KV_ERR_PEER);
 			fail_list(e, &ev->j->held, KV_ERR_PEER);
 			break;
 		case EV_SHUTDOWN:
 			e->shutting_down = true;
 			for (struct client *c = e->clients; c; c = c->next) {
+				if (c->job->board->state != KV_BOARD_DOWN)
+					job_board_set(c->job, KV_BOARD_DOWN);
 				if (c->job->held)
 					fail_list(e, &c->job->held, KV_ERR_DAEMON);
 				job_fail_pending(e, c->job, -1, KV_ERR_DAEMON);
@@ -1172,7 +1182,8 @@ static void *engine_main(void *arg)
 			uint64_t now = kvd_now_ns();
 			if (!last_work)
 				last_work = now;
-			else if (now - last_work > SPIN_NS) {
+			else if (now - last_work > SPIN_NS || e->tasks_out) {
+				/* with rounds on the workers, leave them the CPU */
 				engine_sleep(e);
 				last_work = 0;
 				spins = 0;

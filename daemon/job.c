@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "kvd.h"
+#include "../shm/futex.h"
 #include "../shm/seg.h"
 
 #define VALUE_SEG_MIN (8u << 20)
@@ -112,10 +113,13 @@ struct grow_ctx {
 	struct job *j;
 	char *why;
 	size_t whylen;
+	struct seginfo **segs; /* the job's value or direct segments */
+	uint32_t *n, *cap;
+	const char *name;
 };
 
-/* arena callback: a new value segment for the job */
-static int value_grow(void *ctx, size_t min, struct arena_seg *s)
+/* arena callback: a new segment for the job's values or direct keys */
+static int job_grow(void *ctx, size_t min, struct arena_seg *s)
 {
 	struct grow_ctx *g = ctx;
 	struct job *j = g->j;
@@ -123,35 +127,102 @@ static int value_grow(void *ctx, size_t min, struct arena_seg *s)
 	void *base;
 	int fd, err;
 
-	if (j->nvalue_segs == j->cap_value_segs) {
-		uint32_t cap = j->cap_value_segs ? j->cap_value_segs * 2 : 8;
-		struct seginfo *n = realloc(j->value_segs, cap * sizeof(*n));
+	if (*g->n == *g->cap) {
+		uint32_t cap = *g->cap ? *g->cap * 2 : 8;
+		struct seginfo *n = realloc(*g->segs, cap * sizeof(*n));
 		if (!n)
 			return ENOMEM;
-		j->value_segs = n;
-		j->cap_value_segs = cap;
+		*g->segs = n;
+		*g->cap = cap;
 	}
 	if (job_charge(g->d, j, size, g->why, g->whylen))
 		return ENOMEM;
-	fd = seg_create("kvd-values", size);
+	fd = seg_create(g->name, size);
 	if (fd < 0) {
-		snprintf(g->why, g->whylen, "cannot create a %llu-byte segment for key values: %s",
+		snprintf(g->why, g->whylen, "cannot create a %llu-byte segment for keys: %s",
 			 (unsigned long long)size, strerror(-fd));
 		job_uncharge(g->d, j, size);
 		return ENOMEM;
 	}
 	err = seg_map(fd, size, 0, &base);
 	if (err) {
-		snprintf(g->why, g->whylen, "cannot map a value segment: %s", strerror(-err));
+		snprintf(g->why, g->whylen, "cannot map a key segment: %s", strerror(-err));
 		close(fd);
 		job_uncharge(g->d, j, size);
 		return ENOMEM;
 	}
-	j->value_segs[j->nvalue_segs] = (struct seginfo){ fd, base, size };
-	s->id = j->nvalue_segs++;
+	(*g->segs)[*g->n] = (struct seginfo){ fd, base, size };
+	s->id = (*g->n)++;
 	s->base = base;
 	s->size = size;
 	return 0;
+}
+
+static void *job_alloc(struct kvd *d, struct job *j, bool direct, size_t bytes, char *why,
+		       size_t whylen)
+{
+	struct grow_ctx g = { .d = d, .j = j, .why = why, .whylen = whylen };
+	struct arena *a = direct ? &j->direct : &j->values;
+	void *p;
+
+	if (direct) {
+		g.segs = &j->direct_segs;
+		g.n = &j->ndirect_segs;
+		g.cap = &j->cap_direct_segs;
+		g.name = "kvd-direct";
+	} else {
+		g.segs = &j->value_segs;
+		g.n = &j->nvalue_segs;
+		g.cap = &j->cap_value_segs;
+		g.name = "kvd-values";
+	}
+	a->ctx = &g;
+	p = arena_alloc(a, bytes);
+	a->ctx = NULL;
+	return p;
+}
+
+void job_board_set(struct job *j, enum kv_board_state st)
+{
+	uint32_t n = __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE);
+
+	__atomic_store_n(&j->board->state, (uint32_t)st, __ATOMIC_SEQ_CST);
+	__atomic_add_fetch(&j->board->epoch, 1, __ATOMIC_SEQ_CST);
+	futex_wake(&j->board->epoch, INT32_MAX);
+	/* ranks asleep in a direct round or init re-check the board when woken */
+	for (uint32_t i = 0; i < n; i++) {
+		struct key *k = job_key(j, i);
+		if (k->dkey) {
+			futex_wake(&k->dkey->done, INT32_MAX);
+			futex_wake(&k->dkey->has_value, INT32_MAX);
+		}
+	}
+}
+
+void job_board_present(struct job *j, int rank, bool present)
+{
+	uint8_t *p = (uint8_t *)j->board + KV_BOARD_PRESENT_OFF;
+
+	__atomic_store_n(&p[rank], present ? 1 : 0, __ATOMIC_SEQ_CST);
+}
+
+void job_direct_forget(struct job *j, int rank)
+{
+	uint32_t n = __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE);
+
+	for (uint32_t i = 0; i < n; i++) {
+		struct key *k = job_key(j, i);
+		uint8_t *inited;
+
+		if (!k->dkey)
+			continue;
+		inited = (uint8_t *)k->dkey + kv_dkey_inited_off();
+		__atomic_store_n(&inited[rank], 0, __ATOMIC_RELAXED);
+		/* a lock the dead rank held: nobody else will ever release it */
+		uint32_t held = (uint32_t)rank + 1;
+		__atomic_compare_exchange_n(&k->dkey->lock, &held, 0, false, __ATOMIC_RELEASE,
+					    __ATOMIC_RELAXED);
+	}
 }
 
 struct job *job_find(struct kvd *d, const char *name)
@@ -182,7 +253,22 @@ struct job *job_create(struct kvd *d, const char *name, uid_t uid, int num_worke
 	j->uid = uid;
 	j->num_workers = num_workers;
 	j->created = kvd_now();
-	arena_init(&j->values, value_grow, NULL);
+	arena_init(&j->values, job_grow, NULL);
+	arena_init(&j->direct, job_grow, NULL);
+	j->board_fd = seg_create("kvd-board", KV_BOARD_SIZE);
+	if (j->board_fd < 0 || seg_map(j->board_fd, KV_BOARD_SIZE, 0, (void **)&j->board)) {
+		if (j->board_fd >= 0)
+			close(j->board_fd);
+		free(j->names);
+		free(j->ranks);
+		free(j->eng_ranks);
+		free(j);
+		return NULL;
+	}
+	j->board->magic = KV_SHM_MAGIC;
+	j->board->abi = KV_SHM_ABI;
+	j->board->num_workers = (uint32_t)num_workers;
+	j->board->state = KV_BOARD_JOINING;
 	return j;
 }
 
@@ -214,6 +300,15 @@ void job_free(struct kvd *d, struct job *j)
 	}
 	free(j->value_segs);
 	arena_fini(&j->values);
+	for (uint32_t i = 0; i < j->ndirect_segs; i++) {
+		seg_unmap(j->direct_segs[i].base, j->direct_segs[i].size);
+		close(j->direct_segs[i].fd);
+		job_uncharge(d, j, j->direct_segs[i].size);
+	}
+	free(j->direct_segs);
+	arena_fini(&j->direct);
+	seg_unmap(j->board, KV_BOARD_SIZE);
+	close(j->board_fd);
 	if (j->names)
 		free(j->names->slots);
 	free(j->names);
@@ -272,7 +367,6 @@ int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, struct ke
 	const char *name = m->u.key_open.name;
 	uint32_t len = m->u.key_open.name_len;
 	struct key *k = keymap_find(j, name, len);
-	struct grow_ctx g = { d, j, why, whylen };
 	uint64_t bytes;
 
 	*created = false;
@@ -285,8 +379,7 @@ int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, struct ke
 				 dtype_name((kv_dtype)m->u.key_open.dtype));
 			return KV_ERR_MISMATCH;
 		}
-		if (m->u.key_open.mode == KV_KEY_FIND &&
-		    !__atomic_load_n(&k->has_value, __ATOMIC_ACQUIRE)) {
+		if (m->u.key_open.mode == KV_KEY_FIND && !key_has_value(k)) {
 			snprintf(why, whylen, "key '%s' has not been initialised yet", k->name);
 			return KV_ERR_NOKEY;
 		}
@@ -309,10 +402,26 @@ int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, struct ke
 		return KV_ERR_NOMEM;
 	}
 	why[0] = '\0';
-	j->values.ctx = &g;
-	k->value = arena_alloc(&j->values, bytes);
-	j->values.ctx = NULL;
-	if (!k->value) {
+	if (bytes <= d->cfg.direct_max) {
+		/* direct rounds when there is room; the engine path otherwise */
+		uint64_t size = kv_dkey_size((uint32_t)j->num_workers, bytes);
+		void *blk = job_alloc(d, j, true, size, why, whylen);
+		if (blk) {
+			struct arena_seg *sg = NULL;
+			for (uint32_t i = 0; i < j->direct.nsegs; i++)
+				if ((uint8_t *)blk >= j->direct.segs[i].base &&
+				    (uint8_t *)blk < j->direct.segs[i].base + j->direct.segs[i].size)
+					sg = &j->direct.segs[i];
+			k->dkey = blk;
+			k->dseg = sg->id;
+			k->doff = (uint64_t)((uint8_t *)blk - sg->base);
+			memset(blk, 0, size);
+		}
+		why[0] = '\0';
+	}
+	if (!k->dkey)
+		k->value = job_alloc(d, j, false, bytes, why, whylen);
+	if (!k->value && !k->dkey) {
 		if (!why[0])
 			snprintf(why, whylen, "no room for the %llu bytes of key '%s'",
 				 (unsigned long long)bytes, k->name);
@@ -335,7 +444,10 @@ int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, struct ke
 	return 0;
 
 out_nomem:
-	arena_free(&j->values, k->value);
+	if (k->dkey)
+		arena_free(&j->direct, k->dkey);
+	else
+		arena_free(&j->values, k->value);
 	key_free(k, j->num_workers);
 	snprintf(why, whylen, "out of memory creating key '%.*s'", (int)len, name);
 	return KV_ERR_NOMEM;

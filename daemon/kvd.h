@@ -46,6 +46,7 @@ struct kvd_config {
 	uint32_t inline_bytes; /* parts up to this size are summed by the engine itself */
 	uint32_t sq_entries, cq_entries;
 	uint32_t max_segs; /* arena segments per client */
+	uint64_t direct_max; /* keys up to this many bytes get direct rounds; 0: none */
 	long allow_gid;    /* a group whose members may join others' jobs; -1: none */
 	int listen_fd;     /* from socket activation, or -1 */
 };
@@ -111,6 +112,9 @@ struct key {
 	kv_dtype dtype;    /* [const] */
 	uint32_t esize, nparts, part_elems; /* [const] */
 	uint8_t *value;      /* [const] pointer; bytes written by the engine and workers */
+	struct kv_dkey *dkey; /* [const] direct keys: the block in a direct segment, else NULL */
+	uint32_t dseg;        /* [const] which direct segment */
+	uint64_t doff;        /* [const] and where in it */
 	uint32_t has_value;  /* [atomic] every part holds a value */
 	uint32_t parts_valued; /* [eng] */
 	struct part *parts;  /* [const] pointer; contents [eng] */
@@ -135,6 +139,11 @@ struct job {
 	struct arena values;  /* [ctl] allocates; freed with the job */
 	struct seginfo *value_segs;
 	uint32_t nvalue_segs, cap_value_segs;
+	struct arena direct;  /* [ctl] direct key blocks, in segments every rank maps */
+	struct seginfo *direct_segs;
+	uint32_t ndirect_segs, cap_direct_segs;
+	int board_fd;            /* [const] the job board every rank maps */
+	struct kv_board *board;  /* [const] pointer; state written by the engine only */
 	uint64_t bytes; /* [atomic] shared bytes held by the job (values and its clients) */
 
 	/* [eng] */
@@ -218,11 +227,24 @@ static inline struct key *job_key(struct job *j, uint32_t id)
 		return NULL;
 	return j->dir[id / KEY_BLOCK][id % KEY_BLOCK];
 }
+/* Does the key hold a value (for direct keys the ranks set it in shared memory)? */
+static inline bool key_has_value(struct key *k)
+{
+	return k->dkey ? __atomic_load_n(&k->dkey->has_value, __ATOMIC_ACQUIRE) != 0
+		       : __atomic_load_n(&k->has_value, __ATOMIC_ACQUIRE) != 0;
+}
 /* Find or create; returns 0 or a KV_ERR_* with why filled. */
 int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, struct key **out,
 		 bool *created, char *why, size_t whylen);
 int job_charge(struct kvd *d, struct job *j, uint64_t bytes, char *why, size_t whylen);
 void job_uncharge(struct kvd *d, struct job *j, uint64_t bytes);
+
+/* The engine moves the board's state (and wakes every waiter of the job). */
+void job_board_set(struct job *j, enum kv_board_state st);
+/* Mark a rank present or gone on the board (before job_board_set). */
+void job_board_present(struct job *j, int rank, bool present);
+/* A rank left: undo what it held in direct keys (locks, init flags). */
+void job_direct_forget(struct job *j, int rank);
 
 /* client.c */
 struct client *client_create(struct kvd *d, uid_t uid, pid_t pid, char *why, size_t whylen);
@@ -244,5 +266,13 @@ void ctl_evict(struct kvd *d, struct client *c);    /* engine: disconnect c */
 
 /* stats.c */
 char *stats_render(struct kvd *d, uint32_t what, uid_t viewer, size_t *len);
+
+/* notify.c - the sd_notify protocol without libsystemd; no-ops outside systemd */
+int notify_init(void); /* main(), before threads: reads and unsets $NOTIFY_SOCKET, $WATCHDOG_* */
+bool notify_enabled(void);
+uint64_t notify_watchdog_usec(void); /* 0: no watchdog for this process */
+int notify_send(const char *text);   /* one datagram of "VAR=value" lines; any thread */
+int notify_sendf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void notify_close(void);
 
 #endif /* KVD_H */

@@ -2,12 +2,18 @@
 /*
  * main.c - kvd: command line, configuration, the listening socket, and the
  * start and stop of the engine and the control loop.
+ *
+ * The listening socket is either handed over by systemd (socket activation,
+ * kvd.socket: then systemd owns the path and kvd never unlinks it) or bound
+ * here (then kvd removes it at exit).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,9 +40,16 @@ static const char usage[] =
 	"      --part-size SIZE     rounds are split into parts of SIZE bytes (default 1M)\n"
 	"      --inline-size SIZE   parts up to SIZE are summed on the engine thread\n"
 	"                           (default 64K)\n"
+	"      --direct-max SIZE    keys up to SIZE get direct rounds, summed by the ranks\n"
+	"                           in shared memory without a hop through kvd\n"
+	"                           (default 1M; 0: every round goes through kvd)\n"
 	"      --allow-group GID    members of GID may join other users' jobs\n"
 	"  -h, --help               show this help and exit\n"
 	"  -V, --version            show the version and exit\n"
+	"\n"
+	"Under systemd, kvd takes its listening socket from socket activation\n"
+	"($LISTEN_PID, $LISTEN_FDS: one SOCK_SEQPACKET socket; --socket is then ignored)\n"
+	"and reports READY=1, STATUS=, STOPPING=1 and WATCHDOG=1 to $NOTIFY_SOCKET.\n"
 	"\n"
 	"Exit status: 0 after a clean stop (SIGTERM, SIGINT), 1 on a start-up error,\n"
 	"2 on a bad command line.\n";
@@ -49,6 +62,7 @@ enum {
 	OPT_PART_SIZE,
 	OPT_INLINE_SIZE,
 	OPT_ALLOW_GROUP,
+	OPT_DIRECT_MAX,
 };
 
 static const struct option long_opts[] = {
@@ -62,6 +76,7 @@ static const struct option long_opts[] = {
 	{ "part-size", required_argument, NULL, OPT_PART_SIZE },
 	{ "inline-size", required_argument, NULL, OPT_INLINE_SIZE },
 	{ "allow-group", required_argument, NULL, OPT_ALLOW_GROUP },
+	{ "direct-max", required_argument, NULL, OPT_DIRECT_MAX },
 	{ "help", no_argument, NULL, 'h' },
 	{ "version", no_argument, NULL, 'V' },
 	{ NULL, 0, NULL, 0 },
@@ -155,6 +170,11 @@ static int apply(struct kvd_config *c, int opt, const char *arg, const char *nam
 		if (parse_size(arg, &v) || v > (256u << 20))
 			goto bad;
 		c->inline_bytes = (uint32_t)v;
+		return 0;
+	case OPT_DIRECT_MAX:
+		if (parse_size(arg, &v) || v > (256u << 20))
+			goto bad;
+		c->direct_max = v;
 		return 0;
 	case OPT_ALLOW_GROUP:
 		if (parse_uint(arg, UINT32_MAX - 1, &v))
@@ -304,11 +324,84 @@ static int listen_on(const char *path)
 	return fd;
 }
 
+/*
+ * Socket activation, as sd_listen_fds(3) without libsystemd: systemd passes
+ * the listening socket as fd 3 and names this process in $LISTEN_PID and the
+ * count in $LISTEN_FDS.  Returns the fd (its path in path), -1 when kvd was
+ * not activated, -2 on an error (printed).  The variables are unset either
+ * way, so nothing kvd starts mistakes them for its own.
+ */
+static int activated_socket(char *path, size_t len)
+{
+	const char *pid_env = getenv("LISTEN_PID"), *fds_env = getenv("LISTEN_FDS");
+	struct sockaddr_un a = { 0 };
+	socklen_t alen = sizeof(a), olen;
+	int fd = 3, type = 0, domain = 0, listening = 0, rc = -1;
+	uint64_t pid, nfds;
+
+	if (!pid_env || !fds_env)
+		goto out;
+	if (parse_uint(pid_env, UINT32_MAX, &pid) || pid != (uint64_t)getpid())
+		goto out; /* meant for another process (our parent, say) */
+	if (parse_uint(fds_env, INT32_MAX - 3, &nfds)) {
+		fprintf(stderr, "kvd: socket activation: bad LISTEN_FDS='%s'\n", fds_env);
+		rc = -2;
+		goto out;
+	}
+	if (nfds == 0)
+		goto out;
+	rc = -2;
+	if (nfds != 1) {
+		fprintf(stderr,
+			"kvd: socket activation: %llu sockets passed; kvd listens on exactly one "
+			"(one ListenSequentialPacket= in kvd.socket)\n",
+			(unsigned long long)nfds);
+		goto out;
+	}
+	olen = sizeof(int);
+	if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &olen) < 0) {
+		fprintf(stderr, "kvd: socket activation: fd 3 is not a socket: %s\n",
+			strerror(errno));
+		goto out;
+	}
+	olen = sizeof(int);
+	if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &olen) < 0)
+		type = -1;
+	olen = sizeof(int);
+	if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &olen) < 0)
+		listening = 0;
+	if (domain != AF_UNIX || type != SOCK_SEQPACKET || !listening) {
+		fprintf(stderr,
+			"kvd: socket activation: fd 3 must be a listening AF_UNIX SOCK_SEQPACKET "
+			"socket (ListenSequentialPacket=); it is domain %d type %d%s\n",
+			domain, type, listening ? "" : ", not listening");
+		goto out;
+	}
+	if (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) {
+		fprintf(stderr, "kvd: socket activation: fcntl: %s\n", strerror(errno));
+		goto out;
+	}
+	if (getsockname(fd, (struct sockaddr *)&a, &alen) == 0 &&
+	    alen > offsetof(struct sockaddr_un, sun_path) && a.sun_path[0])
+		snprintf(path, len, "%.*s", (int)(alen - offsetof(struct sockaddr_un, sun_path)),
+			 a.sun_path);
+	else
+		snprintf(path, len, "(socket-activated fd 3)");
+	rc = fd;
+out:
+	unsetenv("LISTEN_PID");
+	unsetenv("LISTEN_FDS");
+	unsetenv("LISTEN_FDNAMES");
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	static struct kvd d;
 	struct kvd_config *c = &d.cfg;
+	static char activated_path[sizeof(((struct sockaddr_un *)0)->sun_path) + 32];
 	sigset_t mask;
+	bool activated;
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 	int opt, err;
 
@@ -319,6 +412,7 @@ int main(int argc, char **argv)
 	c->max_clients = 4096;
 	c->part_bytes = 1u << 20;
 	c->inline_bytes = 64u << 10;
+	c->direct_max = 1u << 20;
 	c->sq_entries = 256;
 	c->cq_entries = 512;
 	c->max_segs = 256;
@@ -368,23 +462,38 @@ int main(int argc, char **argv)
 	sigaddset(&mask, SIGINT);
 	pthread_sigmask(SIG_BLOCK, &mask, NULL); /* threads inherit it; the signalfd reads them */
 
-	c->listen_fd = listen_on(c->socket_path);
-	if (c->listen_fd < 0)
+	notify_init(); /* before any thread: it unsets variables */
+	c->listen_fd = activated_socket(activated_path, sizeof(activated_path));
+	if (c->listen_fd == -2)
 		return 1;
+	activated = c->listen_fd >= 0;
+	if (activated) {
+		if (socket_path_buf && strcmp(socket_path_buf, activated_path))
+			kvd_log("--socket %s ignored: systemd passed a socket listening on %s",
+				socket_path_buf, activated_path);
+		c->socket_path = activated_path;
+	} else {
+		c->listen_fd = listen_on(c->socket_path);
+		if (c->listen_fd < 0)
+			return 1;
+	}
 	pthread_mutex_init(&d.lock, NULL);
 	d.start = kvd_now();
 	err = engine_start(&d);
 	if (err) {
 		fprintf(stderr, "kvd: cannot start the engine: %s\n", strerror(-err));
-		unlink(c->socket_path);
+		if (!activated)
+			unlink(c->socket_path);
 		return 1;
 	}
-	kvd_log("kvd %s listening on %s (%d reduce threads, parts of %u bytes)", KV_VERSION,
-		c->socket_path, c->threads, c->part_bytes);
+	kvd_log("kvd %s listening on %s%s (%d reduce threads, parts of %u bytes)", KV_VERSION,
+		c->socket_path, activated ? " (socket-activated)" : "", c->threads, c->part_bytes);
 	err = ctl_run(&d);
-	unlink(c->socket_path);
+	if (!activated) /* an activated socket's path belongs to systemd */
+		unlink(c->socket_path);
 	close(c->listen_fd);
 	kvd_log("stopped");
+	notify_close();
 	free(socket_path_buf);
 	return err ? 1 : 0;
 }

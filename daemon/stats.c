@@ -75,6 +75,22 @@ static uint64_t ld(const uint64_t *p)
 	return __atomic_load_n(p, __ATOMIC_RELAXED);
 }
 
+/* rounds and bytes: the engine's, plus the direct rounds the ranks ran themselves */
+static uint64_t job_rounds(const struct job *j)
+{
+	return ld(&j->rounds) + ld(&j->board->rounds);
+}
+
+static uint64_t job_bytes_reduced(const struct job *j)
+{
+	return ld(&j->bytes_reduced) + ld(&j->board->bytes);
+}
+
+static uint64_t job_ops(const struct job *j)
+{
+	return ld(&j->ops);
+}
+
 /* The q-quantile of a job's latency histogram in microseconds (0 if empty). */
 static double lat_quantile(const struct job *j, double q)
 {
@@ -149,8 +165,8 @@ static void render_json(struct kvd *d, struct sb *b, uid_t viewer)
 			  "\"peak_inflight\": %llu, "
 			  "\"latency_us\": {\"p50\": %.1f, \"p99\": %.1f}, \"stalled\": []}",
 			  __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE),
-			  (unsigned long long)ld(&j->rounds),
-			  (unsigned long long)ld(&j->bytes_reduced),
+			  (unsigned long long)job_rounds(j),
+			  (unsigned long long)job_bytes_reduced(j),
 			  (unsigned long long)ld(&j->bytes), (unsigned long long)ld(&j->ops),
 			  (unsigned long long)ld(&j->inflight),
 			  (unsigned long long)ld(&j->peak_inflight), lat_quantile(j, 0.5),
@@ -181,8 +197,8 @@ static void render_text(struct kvd *d, struct sb *b, uid_t viewer, bool jobs_onl
 		sb_printf(b, "%-24s %6u %3d/%-3d %6u %10llu %14llu %9.1f %9.1f\n", j->name,
 			  (unsigned)j->uid, j->present, j->num_workers,
 			  __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE),
-			  (unsigned long long)ld(&j->rounds),
-			  (unsigned long long)ld(&j->bytes_reduced), lat_quantile(j, 0.5),
+			  (unsigned long long)job_rounds(j),
+			  (unsigned long long)job_bytes_reduced(j), lat_quantile(j, 0.5),
 			  lat_quantile(j, 0.99));
 		if (jobs_only)
 			continue;
@@ -204,12 +220,12 @@ static void render_metrics(struct kvd *d, struct sb *b, uid_t viewer)
 {
 	static const struct {
 		const char *name, *help;
-		size_t off;
+		uint64_t (*get)(const struct job *j);
 	} counters[] = {
-		{ "kvd_rounds_total", "Completed rounds, all keys.", offsetof(struct job, rounds) },
+		{ "kvd_rounds_total", "Completed rounds, all keys.", job_rounds },
 		{ "kvd_bytes_reduced_total", "Bytes of results produced by rounds.",
-		  offsetof(struct job, bytes_reduced) },
-		{ "kvd_ops_total", "Completed op parts.", offsetof(struct job, ops) },
+		  job_bytes_reduced },
+		{ "kvd_ops_total", "Completed op parts that went through the engine.", job_ops },
 	};
 	uint64_t alloc, res;
 
@@ -236,8 +252,7 @@ static void render_metrics(struct kvd *d, struct sb *b, uid_t viewer)
 		for (struct job *j = d->jobs; j; j = j->next)
 			if (visible(j, viewer))
 				sb_printf(b, "%s{job=\"%s\"} %llu\n", counters[i].name, j->name,
-					  (unsigned long long)ld((const uint64_t *)((const char *)j +
-										 counters[i].off)));
+					  (unsigned long long)counters[i].get(j));
 	}
 	metric_head(b, "kvd_op_latency_seconds", "histogram",
 		    "Time from kvd taking an op part to its completion.");

@@ -27,7 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "client.h"
+#include "local_int.h"
 #include "../kernels/reduce.h"
 #include "../shm/arena.h"
 #include "../shm/futex.h"
@@ -36,66 +36,8 @@
 #include "../shm/ring.h"
 #include "../shm/seg.h"
 
-#define WAIT_SPIN 4000    /* spins on the completion ring before sleeping */
-#define WAIT_SLICE_MS 100 /* sleep this long at most between liveness checks */
-#define CANCEL_GRACE_MS 2000
-#define ARENA_GROW_MIN (16u << 20)
 
-struct lkey {
-	char *name;
-	uint32_t len, id, nparts, part_elems;
-	uint64_t count;
-	kv_dtype dtype;
-};
-
-struct lop {
-	uint32_t gen; /* part of user_data; bumped at each use of the slot */
-	bool used, done, abandoned, async;
-	uint8_t op;
-	uint32_t nparts, completed;
-	uint32_t part_elems;
-	size_t esize;
-	uint64_t count;
-	int status;
-	uint8_t *stage;    /* arena block owned by the op, or NULL */
-	uint8_t *out_base; /* where kvd writes results */
-	uint8_t **outs;    /* caller buffers that also receive the result */
-	int nout;
-	uint32_t next_free;
-};
-
-struct lseg {
-	int fd;
-	void *base;
-	size_t size;
-};
-
-struct local {
-	pthread_mutex_t lock;
-	struct kv_resolved o;
-	int sock, doorbell;
-	uint8_t *ring;
-	size_t ring_size;
-	struct ring sq, cq;
-	uint32_t part_bytes, max_segs;
-	struct arena arena;
-	struct lseg *segs;
-	uint32_t nsegs;
-	struct lkey **keys; /* open addressing by name */
-	uint32_t nkeys, capkeys;
-	struct lop *ops;
-	uint32_t nops, free_op;
-	uint32_t seq;
-	bool dead;
-	int dead_code;
-	char dead_why[256];
-	char *errbuf; /* where the op in progress reports (the store's buffer) */
-};
-
-#define NO_OP UINT32_MAX
-
-static int fail(char *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int fail(char *err, int code, const char *fmt, ...)
+int fail(char *err, int code, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -107,7 +49,7 @@ static int fail(char *err, int code, const char *fmt, ...)
 	return code;
 }
 
-static int64_t now_ms(void)
+int64_t now_ms(void)
 {
 	struct timespec ts;
 
@@ -117,7 +59,7 @@ static int64_t now_ms(void)
 
 /* ------------------------------------------------------------------ socket */
 
-static void mark_dead(struct local *l, int code, const char *why)
+void mark_dead(struct local *l, int code, const char *why)
 {
 	if (l->dead)
 		return;
@@ -229,7 +171,7 @@ static int request(struct local *l, struct kv_msg *m, struct kv_msg *reply, uint
 }
 
 /* Between waits: is kvd still there?  Reads what it sent on its own. */
-static void check_daemon(struct local *l)
+void check_daemon(struct local *l)
 {
 	struct pollfd p = { .fd = l->sock, .events = POLLIN };
 	uint8_t buf[KV_MSG_MAX];
@@ -398,7 +340,7 @@ static int key_get(struct local *l, const char *name, size_t count, kv_dtype t, 
 	struct lkey *k = key_cached(l, name, len);
 	struct kv_msg m = { .type = KV_MSG_KEY_OPEN }, r;
 	uint8_t rbuf[KV_MSG_MAX];
-	int rc;
+	int rc, fd = -1;
 
 	if (k) {
 		if (k->count != count || k->dtype != t)
@@ -414,12 +356,16 @@ static int key_get(struct local *l, const char *name, size_t count, kv_dtype t, 
 	m.u.key_open.mode = mode;
 	m.u.key_open.name_len = (uint32_t)len;
 	memcpy(m.u.key_open.name, name, len);
-	rc = request(l, &m, &r, rbuf, NULL, err);
+	rc = request(l, &m, &r, rbuf, &fd, err);
 	if (rc)
 		return rc;
 	if (r.type != KV_MSG_KEY || r.u.key.count != count || r.u.key.dtype != t ||
-	    (uint64_t)r.u.key.part_elems * kv_dtype_size(t) > l->part_bytes)
+	    (uint64_t)r.u.key.part_elems * kv_dtype_size(t) > l->part_bytes ||
+	    !(r.u.key.flags & KV_KEYF_DIRECT) != (fd < 0)) {
+		if (fd >= 0)
+			close(fd);
 		return fail(err, KV_ERR_PROTO, "kvd answered a key request wrongly");
+	}
 	k = calloc(1, sizeof(*k));
 	if (!k || !(k->name = malloc(len + 1))) {
 		free(k);
@@ -432,6 +378,14 @@ static int key_get(struct local *l, const char *name, size_t count, kv_dtype t, 
 	k->part_elems = r.u.key.part_elems;
 	k->count = count;
 	k->dtype = t;
+	if (fd >= 0) {
+		rc = direct_map(l, k, r.u.key.dseg, r.u.key.doff, r.u.key.dsize, fd, err);
+		if (rc) {
+			free(k->name);
+			free(k);
+			return rc;
+		}
+	}
 	if (key_cache(l, k)) {
 		free(k->name);
 		free(k);
@@ -443,34 +397,52 @@ static int key_get(struct local *l, const char *name, size_t count, kv_dtype t, 
 
 /* ------------------------------------------------------------------ ops */
 
+/*
+ * Op slots live in blocks that never move: an op is referenced across
+ * unlocked waits and from its key (k->last) while other threads allocate.
+ */
+#define OP_BLOCK 64
+
+static struct lop *op_at(struct local *l, uint32_t slot)
+{
+	return &l->opblk[slot / OP_BLOCK][slot % OP_BLOCK];
+}
+
 static struct lop *op_alloc(struct local *l, uint32_t *slot)
 {
 	if (l->free_op == NO_OP) {
-		uint32_t cap = l->nops ? l->nops * 2 : 64;
-		struct lop *n = realloc(l->ops, cap * sizeof(*n));
-		if (!n)
+		uint32_t nb = l->nops / OP_BLOCK;
+		struct lop **blk = realloc(l->opblk, (nb + 1) * sizeof(*blk));
+		if (!blk)
 			return NULL;
-		memset(n + l->nops, 0, (cap - l->nops) * sizeof(*n));
-		for (uint32_t i = l->nops; i < cap; i++)
-			n[i].next_free = i + 1 < cap ? i + 1 : NO_OP;
+		l->opblk = blk;
+		blk[nb] = calloc(OP_BLOCK, sizeof(struct lop));
+		if (!blk[nb])
+			return NULL;
+		for (uint32_t i = 0; i < OP_BLOCK; i++) {
+			blk[nb][i].slot = l->nops + i;
+			blk[nb][i].next_free = i + 1 < OP_BLOCK ? l->nops + i + 1 : NO_OP;
+		}
 		l->free_op = l->nops;
-		l->ops = n;
-		l->nops = cap;
+		l->nops += OP_BLOCK;
 	}
 	*slot = l->free_op;
-	struct lop *op = &l->ops[*slot];
+	struct lop *op = op_at(l, *slot);
 	l->free_op = op->next_free;
 	uint32_t gen = op->gen + 1 ? op->gen + 1 : 1;
 	memset(op, 0, sizeof(*op));
 	op->gen = gen;
+	op->slot = *slot;
 	op->used = true;
 	return op;
 }
 
 static void op_release(struct local *l, struct lop *op)
 {
-	uint32_t slot = (uint32_t)(op - l->ops);
+	uint32_t slot = op->slot;
 
+	if (op->key && op->key->last == op)
+		op->key->last = NULL;
 	if (op->stage)
 		arena_free(&l->arena, op->stage);
 	free(op->outs);
@@ -481,9 +453,9 @@ static void op_release(struct local *l, struct lop *op)
 	l->free_op = slot;
 }
 
-static uint64_t op_ud(struct local *l, struct lop *op)
+uint64_t op_ud(struct local *l, struct lop *op)
 {
-	return ((uint64_t)op->gen << 32) | (uint32_t)(op - l->ops);
+	return ((uint64_t)op->gen << 32) | op->slot;
 }
 
 static void op_finish(struct local *l, struct lop *op)
@@ -518,10 +490,9 @@ static int reap(struct local *l)
 		struct lop *op;
 
 		n++;
-		if (slot >= l->nops || !l->ops[slot].used || l->ops[slot].gen != gen ||
-		    q.part >= l->ops[slot].nparts || l->ops[slot].done)
+		op = slot < l->nops ? op_at(l, slot) : NULL;
+		if (!op || !op->used || op->gen != gen || q.part >= op->nparts || op->done)
 			continue; /* not ours: ignore it */
-		op = &l->ops[slot];
 		op->completed++;
 		if (q.status && !op->status)
 			op->status = q.status;
@@ -574,7 +545,7 @@ static int submit(struct local *l, const struct kv_sqe *s, char *err)
 static void fail_all(struct local *l)
 {
 	for (uint32_t i = 0; i < l->nops; i++) {
-		struct lop *op = &l->ops[i];
+		struct lop *op = op_at(l, i);
 		if (!op->used || op->done)
 			continue;
 		if (!op->status)
@@ -588,6 +559,13 @@ static int wait_op(struct local *l, struct lop *op, char *err)
 {
 	int64_t deadline = l->o.timeout_ms > 0 ? now_ms() + l->o.timeout_ms : 0;
 	bool cancelled = false;
+
+	if (op->key) {
+		int rc = direct_finish(l, op, err);
+		if (rc && op->status == rc && !err[0])
+			fail(err, rc, "%s", kv_strerror(rc));
+		return rc;
+	}
 
 	while (!op->done) {
 		int rc = reap(l), slice = WAIT_SLICE_MS;
@@ -618,7 +596,9 @@ static int wait_op(struct local *l, struct lop *op, char *err)
 			slice = left < slice ? (int)left : slice;
 		}
 		pthread_mutex_unlock(&l->lock);
-		rc = ring_wait(&l->cq, WAIT_SPIN, slice);
+		/* spin only for small ops: a large one leaves the CPU to kvd's workers */
+		rc = ring_wait(&l->cq, op->count * op->esize <= SPIN_MAX_BYTES ? WAIT_SPIN : 0,
+			       slice);
 		pthread_mutex_lock(&l->lock);
 		if (rc == -ETIMEDOUT)
 			check_daemon(l);
@@ -704,6 +684,32 @@ int local_op(struct local *l, uint8_t opc, const char *key, const void *const *s
 	op->esize = esize;
 	op->count = count;
 	op->async = ticket != NULL;
+
+	if (k->dk) {
+		/* direct rounds: the ranks reduce the key themselves */
+		if (need_out) {
+			op->outs = calloc((size_t)nout, sizeof(*op->outs));
+			if (!op->outs) {
+				op_release(l, op);
+				rc = fail(err, KV_ERR_NOMEM, "out of memory");
+				goto out_unlock;
+			}
+			for (int i = 0; i < nout; i++)
+				op->outs[op->nout++] = outs[i];
+		}
+		rc = direct_op(l, opc, k, op, need_in ? srcs : NULL, nsrc, err);
+		if (ticket && rc == KV_OK && op->arrived) {
+			*ticket = op_ud(l, op);
+			goto out_unlock;
+		}
+		if (ticket && rc == KV_OK) { /* finished already: wait reports it */
+			op->done = true;
+			*ticket = op_ud(l, op);
+			goto out_unlock;
+		}
+		op_release(l, op);
+		goto out_unlock;
+	}
 
 	/* where the input comes from and the result goes: the caller's own
 	 * shared buffers when it made them with kv_alloc, else a staging block */
@@ -818,13 +824,12 @@ int local_wait(struct local *l, kv_ticket ticket, char *err)
 	int rc;
 
 	pthread_mutex_lock(&l->lock);
-	if (slot >= l->nops || !l->ops[slot].used || l->ops[slot].gen != gen ||
-	    !l->ops[slot].async || l->ops[slot].abandoned) {
+	op = slot < l->nops ? op_at(l, slot) : NULL;
+	if (!op || !op->used || op->gen != gen || !op->async || op->abandoned) {
 		pthread_mutex_unlock(&l->lock);
 		return fail(err, KV_ERR_INVALID, "no op in flight has ticket %llu",
 			    (unsigned long long)ticket);
 	}
-	op = &l->ops[slot];
 	rc = wait_op(l, op, err);
 	if (!op->abandoned)
 		op_release(l, op);
@@ -839,7 +844,7 @@ int local_wait_all(struct local *l, char *err)
 
 	pthread_mutex_lock(&l->lock);
 	for (uint32_t i = 0; i < l->nops; i++) {
-		struct lop *op = &l->ops[i];
+		struct lop *op = op_at(l, i);
 		int rc;
 
 		if (!op->used || !op->async || op->abandoned)
@@ -881,7 +886,7 @@ int local_create(const struct kv_resolved *o, struct local **out, char *err)
 	uint8_t buf[KV_MSG_MAX];
 	int fds[SEG_MAX_FDS], nfds = 0, rc;
 	struct kv_seg_hdr *h;
-	void *mem;
+	void *mem, *mem2;
 	size_t n;
 
 	if (!l)
@@ -915,7 +920,7 @@ int local_create(const struct kv_resolved *o, struct local **out, char *err)
 			  (int)r.u.error.len, r.u.error.text);
 		goto out_fds;
 	}
-	if (r.type != KV_MSG_WELCOME || nfds != 2) {
+	if (r.type != KV_MSG_WELCOME || nfds != 3) {
 		rc = fail(err, KV_ERR_PROTO, "kvd answered hello with message type %u", r.type);
 		goto out_fds;
 	}
@@ -926,7 +931,21 @@ int local_create(const struct kv_resolved *o, struct local **out, char *err)
 	}
 	close(fds[0]);
 	l->doorbell = fds[1];
+	rc = seg_map(fds[2], KV_BOARD_SIZE, SEG_MAP_RING, &mem2);
+	close(fds[2]);
 	nfds = 0;
+	if (rc) {
+		rc = fail(err, KV_ERR_PROTO, "cannot map the job board: %s", strerror(-rc));
+		seg_unmap(mem, r.u.welcome.seg_size);
+		goto out_close;
+	}
+	l->board = mem2;
+	if (l->board->magic != KV_SHM_MAGIC || l->board->abi != KV_SHM_ABI ||
+	    l->board->num_workers != (uint32_t)o->num_workers) {
+		seg_unmap(mem, r.u.welcome.seg_size);
+		rc = fail(err, KV_ERR_PROTO, "kvd's job board has an unknown layout");
+		goto out_close;
+	}
 	l->ring = mem;
 	l->ring_size = r.u.welcome.seg_size;
 	h = mem;
@@ -977,6 +996,9 @@ void local_destroy(struct local *l)
 		close(l->doorbell);
 	if (l->ring)
 		seg_unmap(l->ring, l->ring_size);
+	if (l->board)
+		seg_unmap(l->board, KV_BOARD_SIZE);
+	direct_unmap(l);
 	for (uint32_t i = 0; i < l->nsegs; i++) {
 		seg_unmap(l->segs[i].base, l->segs[i].size);
 		close(l->segs[i].fd);
@@ -991,8 +1013,10 @@ void local_destroy(struct local *l)
 	}
 	free(l->keys);
 	for (uint32_t i = 0; i < l->nops; i++)
-		free(l->ops[i].outs);
-	free(l->ops);
+		free(op_at(l, i)->outs);
+	for (uint32_t b = 0; b < l->nops / OP_BLOCK; b++)
+		free(l->opblk[b]);
+	free(l->opblk);
 	pthread_mutex_destroy(&l->lock);
 	free(l);
 }

@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 #define KV_SHM_MAGIC 0x3a64766bu /* "kvd:" in little-endian bytes */
-#define KV_SHM_ABI 1u
+#define KV_SHM_ABI 2u
 #define KV_CACHELINE 64
 
 /* One SPSC ring's control words, each on its own cache line. */
@@ -140,6 +140,95 @@ static inline uint64_t kv_ring_seg_size(uint32_t sq_entries, uint32_t cq_entries
 	uint64_t end = KV_SQ_OFF + (uint64_t)sq_entries * sizeof(struct kv_sqe) +
 		       (uint64_t)cq_entries * sizeof(struct kv_cqe);
 	return (end + 4095) & ~(uint64_t)4095;
+}
+
+/*
+ * Direct rounds.  Keys up to kvd's --direct-max bytes are reduced by the
+ * ranks themselves, in a job's shared "direct" segments, without a hop
+ * through kvd: each rank copies its contribution into its slot, then
+ * arrives (under the key's lock); the last to arrive sums the slots into
+ * the spare result buffer and publishes the round by bumping `done`.
+ * Results are double-buffered (result[done & 1] is the value), so a rank
+ * that dies mid-sum leaves the last completed value intact.  kvd owns the
+ * job board: it moves `state` as ranks join and leave, and resets what a
+ * dead rank left behind (its lock, its init flag).
+ *
+ * A direct key's block, at an offset kvd hands out, 64-byte aligned:
+ *   struct kv_dkey | inited[num_workers] (64-aligned) | slot[0..n-1] | result[0..1]
+ * each slot and result kv_dkey_stride(bytes) apart.  Both sides compute the
+ * geometry from their own copy of num_workers and the key's size.
+ */
+enum kv_board_state {
+	KV_BOARD_JOINING = 0, /* not every rank has joined yet: ops wait */
+	KV_BOARD_OK = 1,
+	KV_BOARD_BROKEN = 2,  /* a rank left: collective ops fail with KV_ERR_PEER */
+	KV_BOARD_DROPPED = 3, /* the job was dropped (kvctl drop) */
+	KV_BOARD_DOWN = 4,    /* kvd is stopping */
+};
+
+struct kv_board {
+	uint32_t magic;
+	uint32_t abi;
+	uint32_t num_workers;
+	uint32_t state; /* enum kv_board_state; written by kvd only */
+	uint32_t epoch; /* futex word: bumped by kvd at every state change */
+	uint32_t pad0;
+	uint64_t rounds; /* direct rounds completed (statistics, bumped by summers) */
+	uint64_t bytes;  /* bytes of their results */
+	uint8_t pad[KV_CACHELINE - 40];
+};
+_Static_assert(sizeof(struct kv_board) == KV_CACHELINE, "board size");
+_Static_assert(offsetof(struct kv_board, state) == 12, "board state offset");
+_Static_assert(offsetof(struct kv_board, epoch) == 16, "board epoch offset");
+_Static_assert(offsetof(struct kv_board, rounds) == 24, "board rounds offset");
+
+/* The board segment: the header, then one byte per rank, 1 while it is joined. */
+#define KV_BOARD_SIZE 4096u
+#define KV_BOARD_PRESENT_OFF KV_CACHELINE
+_Static_assert(KV_BOARD_PRESENT_OFF + 1024 <= KV_BOARD_SIZE, "board fits 1024 ranks");
+
+enum kv_dkind { KV_DK_NONE = 0, KV_DK_SUM = 1, KV_DK_BCAST = 2, KV_DK_MISMATCH = 3 };
+
+struct kv_dkey {
+	uint32_t done;      /* futex word: rounds completed */
+	uint32_t arrived;   /* arrivals in the open round */
+	uint32_t lock;      /* 0 free, else holder's rank + 1 */
+	uint32_t epoch;     /* board epoch the open round's arrivals belong to */
+	uint32_t kind;      /* enum kv_dkind of the open round */
+	int32_t status;     /* of the last completed round: KV_OK or a KV_ERR_* */
+	uint32_t waiters;   /* threads asleep on done */
+	uint32_t has_value; /* futex word: 1 once the key holds a value */
+	uint8_t pad[KV_CACHELINE - 32];
+};
+_Static_assert(sizeof(struct kv_dkey) == KV_CACHELINE, "dkey size");
+_Static_assert(offsetof(struct kv_dkey, status) == 20, "dkey status offset");
+_Static_assert(offsetof(struct kv_dkey, has_value) == 28, "dkey has_value offset");
+
+static inline uint64_t kv_dkey_stride(uint64_t bytes)
+{
+	return (bytes + KV_CACHELINE - 1) & ~(uint64_t)(KV_CACHELINE - 1);
+}
+
+static inline uint64_t kv_dkey_inited_off(void)
+{
+	return sizeof(struct kv_dkey);
+}
+
+static inline uint64_t kv_dkey_slot_off(uint32_t num_workers, uint64_t bytes, uint32_t i)
+{
+	uint64_t inited = (num_workers + KV_CACHELINE - 1) & ~(uint64_t)(KV_CACHELINE - 1);
+	return sizeof(struct kv_dkey) + inited + (uint64_t)i * kv_dkey_stride(bytes);
+}
+
+/* result r (0 or 1) follows the num_workers slots */
+static inline uint64_t kv_dkey_result_off(uint32_t num_workers, uint64_t bytes, uint32_t r)
+{
+	return kv_dkey_slot_off(num_workers, bytes, num_workers + r);
+}
+
+static inline uint64_t kv_dkey_size(uint32_t num_workers, uint64_t bytes)
+{
+	return kv_dkey_slot_off(num_workers, bytes, num_workers + 2);
 }
 
 #endif /* KV_SHM_LAYOUT_H */

@@ -67,8 +67,12 @@ struct wire_key {
 	uint8_t dtype;
 	uint8_t flags;
 	uint16_t rsvd;
+	uint32_t dseg;
+	uint32_t rsvd2;
+	uint64_t doff;
+	uint64_t dsize;
 };
-_Static_assert(sizeof(struct wire_key) == 24, "key size");
+_Static_assert(sizeof(struct wire_key) == 48, "key size");
 
 struct wire_status_req {
 	uint32_t what;
@@ -335,9 +339,12 @@ int kv_msg_decode(const void *buf, size_t len, struct kv_msg *m, const char **wh
 		memcpy(&w, body, sizeof(w));
 		if (rest != sizeof(w))
 			return fail(why, "key: length", KV_MSG_ELENGTH);
-		if (w.rsvd || w.dtype > KV_INT64 ||
-		    (w.flags & ~(uint8_t)(KV_KEYF_CREATED | KV_KEYF_VALUE)))
+		if (w.rsvd || w.rsvd2 || w.dtype > KV_INT64 ||
+		    (w.flags & ~(uint8_t)(KV_KEYF_CREATED | KV_KEYF_VALUE | KV_KEYF_DIRECT)))
 			return fail(why, "key: field", KV_MSG_EFIELD);
+		if (!(w.flags & KV_KEYF_DIRECT) ? (w.dseg || w.doff || w.dsize)
+						 : (w.doff % 64 || w.dsize < 64 || w.doff > w.dsize - 64))
+			return fail(why, "key: direct block", KV_MSG_EFIELD);
 		if (w.count == 0 || w.part_elems == 0 || w.nparts == 0 ||
 		    (uint64_t)w.nparts != (w.count + w.part_elems - 1) / w.part_elems)
 			return fail(why, "key: geometry", KV_MSG_EFIELD);
@@ -347,6 +354,9 @@ int kv_msg_decode(const void *buf, size_t len, struct kv_msg *m, const char **wh
 		m->u.key.part_elems = w.part_elems;
 		m->u.key.dtype = w.dtype;
 		m->u.key.flags = w.flags;
+		m->u.key.dseg = w.dseg;
+		m->u.key.doff = w.doff;
+		m->u.key.dsize = w.dsize;
 		return 0;
 	}
 	case KV_MSG_STATUS_REQ: {
@@ -487,6 +497,9 @@ size_t kv_msg_encode(const struct kv_msg *m, void *out, size_t cap)
 			.part_elems = m->u.key.part_elems,
 			.dtype = m->u.key.dtype,
 			.flags = m->u.key.flags,
+			.dseg = m->u.key.dseg,
+			.doff = m->u.key.doff,
+			.dsize = m->u.key.dsize,
 		};
 
 		return put(buf, cap, m, &w, sizeof(w), NULL, 0);

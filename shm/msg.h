@@ -60,6 +60,7 @@ enum kv_key_mode {
 enum kv_key_flags {
 	KV_KEYF_CREATED = 1 << 0, /* this request created the key */
 	KV_KEYF_VALUE = 1 << 1,   /* the key holds a value */
+	KV_KEYF_DIRECT = 1 << 2,  /* direct rounds: fd of its segment attached */
 };
 
 enum kv_status_what {
@@ -139,6 +140,9 @@ struct kv_msg {
 			uint32_t part_elems;
 			uint8_t dtype;
 			uint8_t flags;
+			uint32_t dseg;  /* direct keys: kvd's id of the segment */
+			uint64_t doff;  /* and the offset of the key's block in it */
+			uint64_t dsize; /* the segment's size */
 		} key;
 		struct {
 			uint32_t what;

@@ -11,6 +11,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -55,12 +56,24 @@ int kvd_start(struct kvd_proc *k, const char *const *args)
 	argv[n++] = k->sock;
 	for (int i = 0; args && args[i] && n < 30; i++)
 		argv[n++] = args[i];
+	/* $KVTEST_KVD_ARGS: more kvd options for every test (make check uses it to
+	 * run the suites once more with every round through kvd's engine) */
+	static char extra[512];
+	const char *env = getenv("KVTEST_KVD_ARGS");
+	if (env) {
+		snprintf(extra, sizeof(extra), "%s", env);
+		for (char *save = NULL, *t = strtok_r(extra, " ", &save); t && n < 30;
+		     t = strtok_r(NULL, " ", &save))
+			argv[n++] = t;
+	}
 	argv[n] = NULL;
 	k->pid = fork();
 	if (k->pid < 0)
 		return -1;
 	if (k->pid == 0) {
 		int fd = open(k->log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+
+		prctl(PR_SET_PDEATHSIG, SIGKILL); /* no stray kvd when a test dies */
 		if (fd >= 0) {
 			dup2(fd, 2);
 			dup2(fd, 1);
@@ -165,6 +178,8 @@ int run_ranks(const struct kvd_proc *k, const char *job, int n, rank_fn fn, void
 		}
 		if (pids[r] == 0) {
 			char buf[16];
+
+			prctl(PR_SET_PDEATHSIG, SIGKILL); /* no stray rank when a test dies */
 			setenv("KVD_SOCKET", k->sock, 1);
 			setenv("KVD_JOB", job, 1);
 			snprintf(buf, sizeof(buf), "%d", r);

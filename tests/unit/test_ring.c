@@ -7,7 +7,9 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -173,6 +175,10 @@ Test(ring, two_process_stress, .timeout = 120)
 	if (pid == 0) { /* producer */
 		struct ring p;
 		struct entry e;
+
+		prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive a killed test */
+		if (getppid() == 1)
+			_exit(1);
 
 		ring_attach(&p, &s->ctl, s->e, n, sizeof(struct entry), true);
 		for (uint64_t i = 0; i < STRESS_N; i++) {

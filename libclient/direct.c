@@ -1,0 +1,517 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * direct.c - direct rounds: the ranks of a job reduce small keys themselves,
+ * in shared memory, without a hop through kvd.
+ *
+ * A direct key has a block in a segment every rank of the job maps (see
+ * struct kv_dkey in shm/layout.h): one slot per rank and two result buffers.
+ * A rank copies its contribution into its slot, then arrives under the
+ * key's lock; the rank that arrives last sums the slots into the spare
+ * result buffer and publishes the round by bumping `done` (a futex word),
+ * waking sleepers.  Every rank then copies the result out.
+ *
+ * Invariants:
+ *  - a rank arrives at round r+1 on a key only after it finished round r
+ *    (waited and copied out), so a slot is never overwritten while a summer
+ *    reads it, and the spare result buffer is never one somebody still reads;
+ *  - result[done & 1] is the key's value; a summer writes only the other
+ *    buffer, so a rank dying mid-sum leaves the last completed value intact;
+ *  - kvd alone moves the board's state; every wait re-checks it, so a rank
+ *    that leaves or dies fails the others' waits (KV_ERR_PEER), and a dead
+ *    rank's lock and init flag are released by kvd;
+ *  - arrivals carry the board epoch: a round left half-open by a rank that
+ *    died is discarded by the first arrival after the job is whole again.
+ * Nothing read from the shared block is trusted for geometry: offsets come
+ * from this rank's own copy of num_workers and the key's size.
+ */
+#include <errno.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "local_int.h"
+#include "../kernels/reduce.h"
+#include "../shm/futex.h"
+#include "../shm/seg.h"
+
+#define DIRECT_SPIN_NS 40000 /* spin this long for a round before sleeping */
+#define LOCK_YIELD 256       /* spins on a held key lock before yielding the CPU */
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+int direct_map(struct local *l, struct lkey *k, uint32_t dseg, uint64_t doff, uint64_t dsize,
+	       int fd, char *err)
+{
+	uint32_t n = (uint32_t)l->o.num_workers;
+	uint64_t bytes = k->count * kv_dtype_size(k->dtype);
+	uint8_t *base;
+
+	if (dseg >= 65536 || doff > dsize || kv_dkey_size(n, bytes) > dsize - doff) {
+		if (fd >= 0)
+			close(fd);
+		return fail(err, KV_ERR_PROTO, "kvd placed a direct key outside its segment");
+	}
+	if (dseg >= l->ndsegs) {
+		struct lseg *ns = realloc(l->dsegs, (dseg + 1) * sizeof(*ns));
+		if (!ns) {
+			if (fd >= 0)
+				close(fd);
+			return fail(err, KV_ERR_NOMEM, "out of memory");
+		}
+		memset(ns + l->ndsegs, 0, (dseg + 1 - l->ndsegs) * sizeof(*ns));
+		for (uint32_t i = l->ndsegs; i <= dseg; i++)
+			ns[i].fd = -1;
+		l->dsegs = ns;
+		l->ndsegs = dseg + 1;
+	}
+	if (!l->dsegs[dseg].base) {
+		void *p;
+		int rc;
+
+		if (fd < 0)
+			return fail(err, KV_ERR_PROTO, "kvd sent a direct key without its segment");
+		rc = seg_map(fd, dsize, 0, &p);
+		if (rc) {
+			close(fd);
+			return fail(err, KV_ERR_PROTO, "cannot map a direct segment: %s",
+				    strerror(-rc));
+		}
+		l->dsegs[dseg] = (struct lseg){ fd, p, dsize };
+	} else {
+		if (fd >= 0)
+			close(fd);
+		if (l->dsegs[dseg].size != dsize)
+			return fail(err, KV_ERR_PROTO, "kvd changed a direct segment's size");
+	}
+	base = (uint8_t *)l->dsegs[dseg].base + doff;
+	k->dk = (struct kv_dkey *)base;
+	k->inited = base + kv_dkey_inited_off();
+	k->slots = base + kv_dkey_slot_off(n, bytes, 0);
+	k->results = base + kv_dkey_result_off(n, bytes, 0);
+	k->stride = kv_dkey_stride(bytes);
+	/* a fresh store arrives after the rounds completed before it joined */
+	k->target = __atomic_load_n(&k->dk->done, __ATOMIC_ACQUIRE);
+	return 0;
+}
+
+void direct_unmap(struct local *l)
+{
+	for (uint32_t i = 0; i < l->ndsegs; i++) {
+		if (l->dsegs[i].base)
+			seg_unmap(l->dsegs[i].base, l->dsegs[i].size);
+		if (l->dsegs[i].fd >= 0)
+			close(l->dsegs[i].fd);
+	}
+	free(l->dsegs);
+	l->dsegs = NULL;
+	l->ndsegs = 0;
+}
+
+/* KV_OK while the job can run rounds; waits (bounded) while ranks are still joining. */
+static int board_ok(struct local *l, int64_t deadline, char *err)
+{
+	for (;;) {
+		uint32_t epoch = __atomic_load_n(&l->board->epoch, __ATOMIC_SEQ_CST);
+		uint32_t st = __atomic_load_n(&l->board->state, __ATOMIC_SEQ_CST);
+		int slice = 100;
+
+		switch (st) {
+		case KV_BOARD_OK:
+			return KV_OK;
+		case KV_BOARD_BROKEN:
+			return fail(err, KV_ERR_PEER,
+				    "a rank of job '%s' left or died while this op needed it",
+				    l->o.job);
+		case KV_BOARD_DROPPED:
+			mark_dead(l, KV_ERR_PEER, "the job was dropped by an operator");
+			return fail(err, KV_ERR_PEER, "job '%s' was dropped", l->o.job);
+		case KV_BOARD_DOWN:
+			mark_dead(l, KV_ERR_DAEMON, "kvd is stopping");
+			return fail(err, KV_ERR_DAEMON, "kvd stopped before the op completed");
+		case KV_BOARD_JOINING:
+			break;
+		default:
+			return fail(err, KV_ERR_PROTO, "the job board is corrupt (state %u)", st);
+		}
+		/* not every rank has joined yet: ops wait (bounded by timeout_ms) */
+		check_daemon(l);
+		if (l->dead)
+			return fail(err, l->dead_code, "%s", l->dead_why);
+		if (deadline) {
+			int64_t left = deadline - now_ms();
+			if (left <= 0)
+				return fail(err, KV_ERR_TIMEOUT,
+					    "not every rank of job '%s' joined within %d ms",
+					    l->o.job, l->o.timeout_ms);
+			slice = left < slice ? (int)left : slice;
+		}
+		pthread_mutex_unlock(&l->lock);
+		futex_wait(&l->board->epoch, epoch, slice);
+		pthread_mutex_lock(&l->lock);
+	}
+}
+
+/*
+ * Take a key's lock.  It is held only for a few instructions, but its holder
+ * may be descheduled (yield to it) or dead (kvd frees a dead rank's lock), so
+ * only a stopped kvd, a dropped job or the deadline end the wait.
+ */
+static int key_lock(struct local *l, struct kv_dkey *dk, int64_t deadline, char *err)
+{
+	uint32_t me = (uint32_t)l->o.rank + 1;
+
+	for (unsigned i = 1;; i++) {
+		uint32_t free_ = 0, st;
+
+		if (__atomic_compare_exchange_n(&dk->lock, &free_, me, false, __ATOMIC_ACQUIRE,
+						__ATOMIC_RELAXED))
+			return KV_OK;
+		if (free_ == me) /* only this rank's dead predecessor could have left it */
+			__atomic_compare_exchange_n(&dk->lock, &free_, 0, false, __ATOMIC_RELAXED,
+						    __ATOMIC_RELAXED);
+		cpu_relax();
+		if (i % LOCK_YIELD)
+			continue;
+		st = __atomic_load_n(&l->board->state, __ATOMIC_ACQUIRE);
+		if (st == KV_BOARD_DROPPED || st == KV_BOARD_DOWN)
+			return board_ok(l, deadline, err);
+		if (i % (LOCK_YIELD * 64) == 0) {
+			check_daemon(l);
+			if (l->dead)
+				return fail(err, l->dead_code, "%s", l->dead_why);
+		}
+		if (deadline && now_ms() >= deadline)
+			return fail(err, KV_ERR_TIMEOUT, "a key stayed locked for %d ms",
+				    l->o.timeout_ms);
+		sched_yield();
+	}
+}
+
+static void key_unlock(struct kv_dkey *dk)
+{
+	__atomic_store_n(&dk->lock, 0, __ATOMIC_RELEASE);
+}
+
+static uint8_t *slot(struct lkey *k, uint32_t r)
+{
+	return k->slots + (size_t)r * k->stride;
+}
+
+static uint8_t *result(struct lkey *k, uint32_t round)
+{
+	return k->results + (size_t)(round & 1) * k->stride;
+}
+
+/*
+ * The last arrival sums round done+1 into the spare buffer and publishes it.
+ * kind was read under the lock with the arrivals; nobody else touches the
+ * open round until done moves.
+ */
+static void summer(struct local *l, struct lkey *k, uint32_t done, uint32_t kind)
+{
+	struct kv_dkey *dk = k->dk;
+	uint32_t n = (uint32_t)l->o.num_workers;
+	size_t bytes = k->count * kv_dtype_size(k->dtype);
+	void *dst = result(k, done + 1);
+	int status = KV_OK;
+
+	if (kind == KV_DK_SUM) {
+		const void *ins[REDUCE_MAX_INPUTS];
+		uint32_t first = n < REDUCE_MAX_INPUTS ? n : REDUCE_MAX_INPUTS;
+
+		for (uint32_t r = 0; r < first; r++)
+			ins[r] = slot(k, r);
+		reduce_sum(REDUCE_CPU, NULL, k->dtype, &dst, 1, ins, (int)first, k->count);
+		for (uint32_t r = first; r < n; r += REDUCE_MAX_INPUTS - 1) {
+			uint32_t m = n - r < REDUCE_MAX_INPUTS - 1 ? n - r : REDUCE_MAX_INPUTS - 1;
+			ins[0] = dst;
+			for (uint32_t i = 0; i < m; i++)
+				ins[i + 1] = slot(k, r + i);
+			reduce_sum(REDUCE_CPU, NULL, k->dtype, &dst, 1, ins, (int)m + 1, k->count);
+		}
+	} else if (kind == KV_DK_BCAST) {
+		memcpy(dst, slot(k, 0), bytes);
+	} else {
+		/* ranks disagreed on the op: the round fails, the value stays */
+		memcpy(dst, result(k, done), bytes);
+		status = KV_ERR_MISMATCH;
+	}
+	dk->status = status;
+	dk->arrived = 0;
+	dk->kind = KV_DK_NONE;
+	if (status == KV_OK) {
+		__atomic_add_fetch(&l->board->rounds, 1, __ATOMIC_RELAXED);
+		__atomic_add_fetch(&l->board->bytes, bytes, __ATOMIC_RELAXED);
+		if (!__atomic_load_n(&dk->has_value, __ATOMIC_RELAXED))
+			__atomic_store_n(&dk->has_value, 1, __ATOMIC_RELEASE);
+	}
+	/* publishes the result and status above; seq_cst for the waiters handshake */
+	__atomic_store_n(&dk->done, done + 1, __ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&dk->waiters, __ATOMIC_SEQ_CST))
+		futex_wake(&dk->done, INT32_MAX);
+}
+
+static bool reached(uint32_t done, uint32_t target)
+{
+	return (int32_t)(done - target) >= 0;
+}
+
+/*
+ * Wait for round target.  On a deadline the arrival is taken back when the
+ * round is still open (a retry then joins the same round); a round that
+ * completed meanwhile counts as completed.
+ */
+static int wait_round(struct local *l, struct lkey *k, uint32_t target, int64_t deadline,
+		      char *err)
+{
+	struct kv_dkey *dk = k->dk;
+	uint64_t spin_until = now_ns() + DIRECT_SPIN_NS;
+
+	for (;;) {
+		uint32_t done = __atomic_load_n(&dk->done, __ATOMIC_SEQ_CST);
+		int rc, slice = 100;
+
+		if (reached(done, target))
+			return KV_OK;
+		if (now_ns() < spin_until) {
+			cpu_relax();
+			continue;
+		}
+		rc = board_ok(l, deadline, err);
+		if (rc)
+			return rc;
+		if (deadline) {
+			int64_t left = deadline - now_ms();
+			if (left <= 0) {
+				rc = key_lock(l, dk, 0, err);
+				if (rc)
+					return rc;
+				done = __atomic_load_n(&dk->done, __ATOMIC_ACQUIRE);
+				if (!reached(done, target) && dk->arrived > 0 &&
+				    dk->epoch == __atomic_load_n(&l->board->epoch, __ATOMIC_ACQUIRE)) {
+					dk->arrived--;
+					if (dk->arrived == 0)
+						dk->kind = KV_DK_NONE;
+					key_unlock(dk);
+					k->target = target - 1;
+					return fail(err, KV_ERR_TIMEOUT,
+						    "no round completed within %d ms (are all ranks "
+						    "of job '%s' running this op?)",
+						    l->o.timeout_ms, l->o.job);
+				}
+				key_unlock(dk);
+				continue;
+			}
+			slice = left < slice ? (int)left : slice;
+		}
+		/* sleep: count ourselves in, then re-check (pairs with summer()) */
+		__atomic_add_fetch(&dk->waiters, 1, __ATOMIC_SEQ_CST);
+		done = __atomic_load_n(&dk->done, __ATOMIC_SEQ_CST);
+		if (!reached(done, target)) {
+			pthread_mutex_unlock(&l->lock);
+			rc = futex_wait(&dk->done, done, slice);
+			pthread_mutex_lock(&l->lock);
+			if (rc == -ETIMEDOUT)
+				check_daemon(l);
+		}
+		__atomic_sub_fetch(&dk->waiters, 1, __ATOMIC_SEQ_CST);
+		if (l->dead)
+			return fail(err, l->dead_code, "%s", l->dead_why);
+	}
+}
+
+/* Finish an op that arrived: wait for its round and copy the result out. */
+int direct_finish(struct local *l, struct lop *op, char *err)
+{
+	struct lkey *k = op->key;
+	int64_t deadline = l->o.timeout_ms > 0 ? now_ms() + l->o.timeout_ms : 0;
+	int rc;
+
+	if (!op->arrived)
+		return op->status;
+	rc = wait_round(l, k, op->target, deadline, err);
+	if (rc == KV_OK) {
+		rc = k->dk->status; /* stable: the next round needs this rank */
+		if (rc == KV_ERR_MISMATCH)
+			fail(err, rc, "the ranks ran different ops on key '%s' in one round",
+			     k->name);
+		else if (rc == KV_OK)
+			for (int i = 0; i < op->nout; i++)
+				memcpy(op->outs[i], result(k, op->target), k->count * op->esize);
+	}
+	op->arrived = false;
+	op->status = rc;
+	op->done = true;
+	if (k->last == op)
+		k->last = NULL;
+	return rc;
+}
+
+/* Wait while ranks are still joining; OK once the job was whole (even if a rank left since). */
+static int board_joined(struct local *l, int64_t deadline, char *err)
+{
+	uint32_t st = __atomic_load_n(&l->board->state, __ATOMIC_SEQ_CST);
+
+	if (st == KV_BOARD_BROKEN)
+		return KV_OK;
+	return board_ok(l, deadline, err);
+}
+
+static bool rank0_present(struct local *l)
+{
+	const uint8_t *p = (const uint8_t *)l->board + KV_BOARD_PRESENT_OFF;
+
+	return __atomic_load_n(&p[0], __ATOMIC_SEQ_CST) != 0;
+}
+
+/*
+ * init is not a round: rank 0 stores its value, the others wait for it; it
+ * needs no rank but rank 0, so it works while another rank is away.
+ */
+static int init_op(struct local *l, struct lkey *k, const void *value, int64_t deadline,
+		   char *err)
+{
+	struct kv_dkey *dk = k->dk;
+	uint32_t r = (uint32_t)l->o.rank;
+	int rc;
+
+	rc = board_joined(l, deadline, err);
+	if (rc)
+		return rc;
+	rc = key_lock(l, dk, deadline, err);
+	if (rc)
+		return rc;
+	if (k->inited[r]) {
+		key_unlock(dk);
+		return fail(err, KV_ERR_EXISTS, "this rank already initialised key '%s'", k->name);
+	}
+	k->inited[r] = 1;
+	if (__atomic_load_n(&dk->has_value, __ATOMIC_ACQUIRE)) {
+		/* a value is stored already (rank 0, a broadcast, or before a restart) */
+		key_unlock(dk);
+		return KV_OK;
+	}
+	if (r == 0) {
+		uint32_t done = __atomic_load_n(&dk->done, __ATOMIC_ACQUIRE);
+		memcpy(result(k, done), value, k->count * kv_dtype_size(k->dtype));
+		__atomic_store_n(&dk->has_value, 1, __ATOMIC_SEQ_CST);
+		key_unlock(dk);
+		futex_wake(&dk->has_value, INT32_MAX);
+		return KV_OK;
+	}
+	key_unlock(dk);
+	/* the other ranks' init returns once rank 0's value is stored */
+	for (;;) {
+		if (__atomic_load_n(&dk->has_value, __ATOMIC_SEQ_CST))
+			return KV_OK;
+		rc = board_joined(l, deadline, err);
+		if (!rc && !rank0_present(l))
+			rc = fail(err, KV_ERR_PEER, "rank 0 of job '%s' left before it initialised "
+				  "key '%s'", l->o.job, k->name);
+		if (!rc && deadline && now_ms() >= deadline)
+			rc = fail(err, KV_ERR_TIMEOUT,
+				  "rank 0 did not initialise key '%s' within %d ms", k->name,
+				  l->o.timeout_ms);
+		if (rc) {
+			if (key_lock(l, dk, 0, NULL) == KV_OK) {
+				k->inited[r] = 0; /* so a retry is not a second init */
+				key_unlock(dk);
+			}
+			return rc;
+		}
+		pthread_mutex_unlock(&l->lock);
+		futex_wait(&dk->has_value, 0, 100);
+		pthread_mutex_lock(&l->lock);
+		check_daemon(l);
+		if (l->dead)
+			return fail(err, l->dead_code, "%s", l->dead_why);
+	}
+}
+
+int direct_op(struct local *l, uint8_t opc, struct lkey *k, struct lop *op,
+	      const void *const *srcs, int nsrc, char *err)
+{
+	struct kv_dkey *dk = k->dk;
+	uint32_t r = (uint32_t)l->o.rank, n = (uint32_t)l->o.num_workers, kind, done;
+	int64_t deadline = l->o.timeout_ms > 0 ? now_ms() + l->o.timeout_ms : 0;
+	size_t bytes = k->count * kv_dtype_size(k->dtype);
+	bool last;
+	int rc;
+
+	/* this rank's previous op on the key finishes first (see the invariants) */
+	if (k->last) {
+		struct lop *prev = k->last;
+		char discard[KV_ERRLEN];
+		rc = direct_finish(l, prev, prev->async ? discard : err);
+		if (rc && !prev->async)
+			return rc;
+	}
+	op->key = k;
+	op->esize = kv_dtype_size(k->dtype);
+	if (opc == KV_OP_INIT)
+		return init_op(l, k, srcs ? srcs[0] : NULL, deadline, err);
+	if (opc == KV_OP_PULL) {
+		if (!__atomic_load_n(&dk->has_value, __ATOMIC_ACQUIRE))
+			return fail(err, KV_ERR_NOKEY, "key '%s' holds no value yet", k->name);
+		/* no round can complete without this rank: the value is stable */
+		done = __atomic_load_n(&dk->done, __ATOMIC_ACQUIRE);
+		for (int i = 0; i < op->nout; i++)
+			memcpy(op->outs[i], result(k, done), bytes);
+		return KV_OK;
+	}
+
+	kind = opc == KV_OP_BCAST ? KV_DK_BCAST : KV_DK_SUM;
+	if (kind == KV_DK_SUM || r == 0) {
+		if (nsrc == 1) {
+			memcpy(slot(k, r), srcs[0], bytes);
+		} else {
+			void *dst = slot(k, r);
+			reduce_sum(REDUCE_CPU, NULL, k->dtype, &dst, 1, srcs, nsrc, k->count);
+		}
+	}
+	rc = board_ok(l, deadline, err);
+	if (rc)
+		return rc;
+	rc = key_lock(l, dk, deadline, err);
+	if (rc)
+		return rc;
+	if (__atomic_load_n(&l->board->state, __ATOMIC_ACQUIRE) != KV_BOARD_OK) {
+		/* the job changed between the check and the lock: report how */
+		key_unlock(dk);
+		rc = board_ok(l, deadline, err);
+		return rc ? rc : fail(err, KV_ERR_PEER, "a rank of job '%s' left", l->o.job);
+	}
+	if (dk->epoch != __atomic_load_n(&l->board->epoch, __ATOMIC_ACQUIRE)) {
+		/* arrivals from before a rank left are void */
+		dk->arrived = 0;
+		dk->kind = KV_DK_NONE;
+		dk->epoch = __atomic_load_n(&l->board->epoch, __ATOMIC_ACQUIRE);
+	}
+	done = __atomic_load_n(&dk->done, __ATOMIC_ACQUIRE);
+	if (dk->arrived == 0)
+		dk->kind = kind;
+	else if (dk->kind != kind)
+		dk->kind = KV_DK_MISMATCH;
+	last = ++dk->arrived == n;
+	kind = dk->kind;
+	key_unlock(dk);
+
+	op->target = done + 1;
+	op->arrived = true;
+	k->target = op->target;
+	k->last = op;
+	if (last)
+		summer(l, k, done, kind);
+	if (op->async)
+		return KV_OK;
+	return direct_finish(l, op, err);
+}

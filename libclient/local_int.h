@@ -1,0 +1,108 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * local_int.h - the local store's private objects, shared by local.c (the
+ * engine path, keys, waiting) and direct.c (direct rounds).
+ */
+#ifndef KV_LOCAL_INT_H
+#define KV_LOCAL_INT_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "client.h"
+#include "../shm/arena.h"
+#include "../shm/layout.h"
+#include "../shm/ring.h"
+
+#define WAIT_SPIN 4000    /* spins on the completion ring before sleeping */
+#define SPIN_MAX_BYTES (256u << 10) /* larger ops sleep at once */
+#define WAIT_SLICE_MS 100 /* sleep this long at most between liveness checks */
+#define CANCEL_GRACE_MS 2000
+#define ARENA_GROW_MIN (16u << 20)
+
+struct lop;
+
+struct lkey {
+	char *name;
+	uint32_t len, id, nparts, part_elems;
+	uint64_t count;
+	kv_dtype dtype;
+	/* direct keys (dk != NULL): the shared block and this rank's progress */
+	struct kv_dkey *dk;
+	uint8_t *inited;   /* one byte per rank */
+	uint8_t *slots;    /* slot r at slots + r * stride */
+	uint8_t *results;  /* result i at results + i * stride */
+	uint64_t stride;
+	uint32_t target;   /* the round this rank arrived at last */
+	struct lop *last;  /* that op, until it is finished */
+};
+
+struct lop {
+	uint32_t gen; /* part of user_data; bumped at each use of the slot */
+	bool used, done, abandoned, async;
+	uint8_t op;
+	uint32_t nparts, completed;
+	uint32_t part_elems;
+	size_t esize;
+	uint64_t count;
+	int status;
+	uint8_t *stage;    /* arena block owned by the op, or NULL */
+	uint8_t *out_base; /* where kvd writes results */
+	uint8_t **outs;    /* caller buffers that also receive the result */
+	int nout;
+	uint32_t next_free;
+	uint32_t slot;      /* its index: user_data's low half */
+	struct lkey *key;   /* direct ops: the key, and the round to wait for */
+	uint32_t target;
+	bool arrived;       /* direct: arrived, not finished yet */
+};
+
+struct lseg {
+	int fd;
+	void *base;
+	size_t size;
+};
+
+struct local {
+	struct kv_board *board; /* the job's board: state of the job */
+	struct lseg *dsegs;     /* direct segments, by kvd's id */
+	uint32_t ndsegs;
+	pthread_mutex_t lock;
+	struct kv_resolved o;
+	int sock, doorbell;
+	uint8_t *ring;
+	size_t ring_size;
+	struct ring sq, cq;
+	uint32_t part_bytes, max_segs;
+	struct arena arena;
+	struct lseg *segs;
+	uint32_t nsegs;
+	struct lkey **keys; /* open addressing by name */
+	uint32_t nkeys, capkeys;
+	struct lop **opblk; /* blocks of OP_BLOCK ops; an op never moves */
+	uint32_t nops, free_op;
+	uint32_t seq;
+	bool dead;
+	int dead_code;
+	char dead_why[256];
+	char *errbuf; /* where the op in progress reports (the store's buffer) */
+};
+
+#define NO_OP UINT32_MAX
+
+int fail(char *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int64_t now_ms(void);
+void check_daemon(struct local *l);
+void mark_dead(struct local *l, int code, const char *why);
+uint64_t op_ud(struct local *l, struct lop *op);
+
+/* direct.c */
+int direct_map(struct local *l, struct lkey *k, uint32_t dseg, uint64_t doff, uint64_t dsize,
+	       int fd, char *err);
+int direct_op(struct local *l, uint8_t opc, struct lkey *k, struct lop *op,
+	      const void *const *srcs, int nsrc, char *err);
+int direct_finish(struct local *l, struct lop *op, char *err);
+void direct_unmap(struct local *l);
+
+#endif
