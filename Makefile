@@ -105,9 +105,9 @@ TESTBIN := $(if $(filter thread,$(SAN)),,$(B)/tests/kvtest)
 GPU_TESTBIN := $(if $(GPU_TEST_SRC),$(if $(filter thread,$(SAN)),,$(B)/tests/kvtest-gpu))
 
 ALL_OBJ := $(SHM_OBJ) $(KERN_OBJ) $(DAEMON_OBJ) $(CLIENT_OBJ) $(TEST_OBJ) $(GPU_TEST_OBJ) \
-	   $(TOOL_COMMON) $(call obj,$(wildcard daemon/main.c tools/*.c examples/*.c))
+	   $(TOOL_COMMON) $(call obj,$(wildcard daemon/main.c tools/*.c examples/*.c) bench/idle_rank.c)
 
-.PHONY: all deps check test demo format install uninstall clean cuda-notice
+.PHONY: all deps check test demo bench bench-quick format install uninstall clean cuda-notice
 all: $(LIB_SO) $(LIB_A) $(BINS) $(EXAMPLES) $(TESTBIN) $(GPU_TESTBIN) | cuda-notice
 
 cuda-notice:
@@ -116,7 +116,7 @@ ifeq ($(NVCC),)
 endif
 
 # ---------------------------------------------------------------- deps
-DEB_PKGS := liburing-dev libjemalloc-dev libcriterion-dev pkg-config python3 systemd
+DEB_PKGS := liburing-dev libjemalloc-dev libcriterion-dev pkg-config python3 systemd python3-venv libgomp1 libquadmath0
 deps:
 	$(Q)missing=""; for p in $(DEB_PKGS); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
@@ -206,12 +206,78 @@ check: all
 ifneq ($(GPU_TESTBIN),)
 	$(Q)$(GPU_TESTBIN) --jobs 1
 endif
+	$(Q)$(MAKE) --no-print-directory check-python
 endif
 test: check
 
 # The main job end to end: 4 ranks train a linear model through kvd.
 demo: all
 	$(Q)$(B)/bin/kvrun -n 4 $(B)/examples/train_linreg
+
+# ---------------------------------------------------------------- bench
+# kvd against Open MPI (built when mpicc exists; `make bench` installs Open
+# MPI from Debian when it can) and the machine's memory, interleaved.
+MPICC ?= $(shell command -v mpicc 2>/dev/null)
+BENCH_BINS := $(B)/bench/roofline $(B)/bench/idle_rank $(if $(MPICC),$(B)/bench/mpi_allreduce)
+
+$(B)/bench/roofline: bench/roofline.c
+	@mkdir -p $(@D)
+	$(call say,CC,$<)$(CC) -O3 -march=native -std=gnu11 -pthread -Wall -Werror -o $@ $< -lm
+
+$(B)/bench/mpi_allreduce: bench/mpi_allreduce.c
+	@mkdir -p $(@D)
+	$(call say,MPICC,$<)$(MPICC) -O2 -Wall -Werror -o $@ $< -lm
+
+$(B)/bench/idle_rank: $(B)/obj/bench/idle_rank.o $(LIB_A)
+	@mkdir -p $(@D)
+	$(call say,LD,$@)$(CC) -o $@ $^ $(LDFLAGS) $(CUDA_LIBS) -lm
+
+bench-deps:
+	$(Q)if ! command -v mpicc >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "  deps    installing openmpi-bin libopenmpi-dev (the peer for make bench)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev \
+			>/dev/null || echo "  notice: no Open MPI: the MPI columns stay empty"; \
+	fi
+
+bench: bench-deps
+	$(Q)$(MAKE) --no-print-directory all $(BENCH_BINS) MPICC=$$(command -v mpicc)
+	$(Q)KVD_BUILD=$(B) python3 bench/compare.py $(BENCH_ARGS)
+
+bench-quick: BENCH_ARGS = --quick
+bench-quick: bench
+
+# ---------------------------------------------------------------- python
+# >>> python (the kvd package: python/, tests/python/; one block, one line in check)
+# `make check-python`: pytest on tests/python in a virtual environment under
+# build/ (made once with `python3 -m venv`, then reused: a stamp file records
+# that tests/python/requirements.txt was installed from PyPI into it). Where it
+# cannot be made (no python3-venv, no network) the tests are skipped with one
+# line; under SAN too (a sanitizer-built libkv.so cannot load into python).
+PYTHON ?= python3
+PY_VENV := build/venv
+PY_REQ := tests/python/requirements.txt
+PY_STAMP := $(PY_VENV)/.kvd-requirements
+PYTEST_ARGS ?=
+.PHONY: check-python
+check-python: all
+ifneq ($(SAN),)
+	@echo "python tests: skipped under SAN=$(SAN) (a sanitizer-built libkv.so cannot load into python)"
+else
+	$(Q)if [ ! -f $(PY_STAMP) ] || ! cmp -s $(PY_REQ) $(PY_STAMP); then \
+		echo "  VENV    $(PY_VENV) (pip install -r $(PY_REQ); once)"; \
+		rm -rf $(PY_VENV); \
+		if ! { $(PYTHON) -m venv $(PY_VENV) && \
+		       $(PY_VENV)/bin/pip install -q --retries 2 --timeout 60 -r $(PY_REQ); } \
+		       >build/venv.log 2>&1; then \
+			echo "python tests: skipped: cannot set up $(PY_VENV) (python3-venv? network?): $$(tail -1 build/venv.log)"; \
+			rm -rf $(PY_VENV); exit 0; \
+		fi; \
+		cp $(PY_REQ) $(PY_STAMP); \
+	fi; \
+	KVD_BIN_DIR=$(abspath build/bin) PYTHONPATH=$(abspath python) PYTHONDONTWRITEBYTECODE=1 \
+		$(PY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/python $(PYTEST_ARGS)
+endif
+# <<< python
 
 # ---------------------------------------------------------------- misc
 FORMAT_SRC := $(wildcard include/*.h shm/*.[ch] kernels/*.[ch] kernels/*.cu daemon/*.[ch] \

@@ -83,7 +83,7 @@ int main(int argc, char **argv)
 	int first = 1;
 	double *t = malloc(sizeof(double) * (size_t)iters);
 	for (char *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-		size_t bytes, count;
+		size_t bytes = 0, count;
 		if (parse_size(tok, &bytes)) {
 			if (rank == 0)
 				fprintf(stderr, "bad size %s\n", tok);

@@ -324,7 +324,8 @@ static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	w.u.welcome.seg_size = c->ring_size;
 	w.u.welcome.sq_entries = c->sq_entries;
 	w.u.welcome.cq_entries = c->cq_entries;
-	w.u.welcome.part_bytes = d->cfg.part_bytes;
+	/* the largest part a key may have (see key_part_bytes) */
+	w.u.welcome.part_bytes = d->cfg.part_bytes > (8u << 20) ? d->cfg.part_bytes : 8u << 20;
 	w.u.welcome.max_segs = c->max_segs;
 	snprintf(w.u.welcome.version, sizeof(w.u.welcome.version), "%s", KV_VERSION);
 	kvd_log("join job=%s rank=%d/%d pid=%d uid=%u%s", name, rank, nw, (int)cn->pid,

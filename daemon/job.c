@@ -20,6 +20,7 @@
 #include "../shm/seg.h"
 
 #define VALUE_SEG_MIN (8u << 20)
+#define PART_MAX (8u << 20)
 
 struct keymap {
 	uint32_t *slots; /* key id + 1; 0 empty */
@@ -324,6 +325,23 @@ static const char *dtype_name(kv_dtype t)
 	return (unsigned)t < 6 ? names[t] : "?";
 }
 
+/*
+ * A key's part size: --part-size, or larger for large keys (about eight
+ * parts each, up to PART_MAX): enough parts for copies to overlap sums,
+ * few enough that handing parts around costs little.
+ */
+static uint32_t key_part_bytes(struct kvd *d, uint64_t bytes)
+{
+	uint64_t p = bytes / 8;
+
+	p = (p + 4095) & ~(uint64_t)4095;
+	if (p < d->cfg.part_bytes)
+		p = d->cfg.part_bytes;
+	if (p > PART_MAX)
+		p = PART_MAX > d->cfg.part_bytes ? PART_MAX : d->cfg.part_bytes;
+	return (uint32_t)p;
+}
+
 static struct key *key_alloc(struct job *j, const struct kv_msg *m, uint32_t part_bytes)
 {
 	struct key *k = calloc(1, sizeof(*k));
@@ -396,7 +414,7 @@ int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, struct ke
 		return KV_ERR_NOMEM;
 	}
 	bytes = m->u.key_open.count * kv_dtype_size((kv_dtype)m->u.key_open.dtype);
-	k = key_alloc(j, m, d->cfg.part_bytes);
+	k = key_alloc(j, m, key_part_bytes(d, bytes));
 	if (!k) {
 		snprintf(why, whylen, "out of memory creating key '%.*s'", (int)len, name);
 		return KV_ERR_NOMEM;

@@ -62,10 +62,14 @@ def main() -> int:
             gluon.nn.Dense(args.classes))
     net.initialize(mx.init.Xavier())
     net(mx.nd.array(xtr[:1]))  # materialise the parameters
-    # ...and the Trainer's first step broadcasts rank 0's weights to all
     trainer = gluon.Trainer(net.collect_params(), "sgd",
                             {"learning_rate": args.lr, "momentum": 0.9},
                             kvstore=args.kvstore)
+    if args.kvstore == "kvd":
+        # ...and every rank takes rank 0's weights before the first batch (else
+        # the Trainer would broadcast them in its first step, after the first
+        # gradients were computed from each rank's own weights)
+        kvd.mxnet.broadcast_parameters(trainer)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
 
     rank, size = 0, 1

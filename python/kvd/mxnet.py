@@ -58,7 +58,7 @@ from . import _dtypes
 from .errors import KV_ERR_INVALID, KV_ERR_UNSUPPORTED, KVInvalidError, KVUnsupportedError
 from .store import Store, create
 
-__all__ = ["KVD", "optimizer_spec", "open_stores"]
+__all__ = ["KVD", "optimizer_spec", "open_stores", "broadcast_parameters"]
 
 _CPU_TYPES = ("cpu", "cpu_pinned", "cpu_shared")
 _count = itertools.count()
@@ -465,6 +465,24 @@ class KVD(KVStoreBase):
 
 
 # ---------------------------------------------------------------- Trainer / Module
+
+
+def broadcast_parameters(trainer: Any) -> None:
+    """Give every rank rank 0's parameters now, before the first forward pass.
+
+    ``gluon.Trainer`` creates its KVStore, and broadcasts rank 0's weights,
+    only in its first ``step()``: after the first batch's gradients were
+    computed with each rank's own initial weights. Ranks that initialise
+    from one seed need nothing; otherwise call this once after the
+    parameters are initialised (and their shapes known). Uses the Trainer's
+    own (private) ``_init_kvstore`` / ``_init_params`` of MXNet 1.x.
+    """
+    if not trainer._kv_initialized:
+        trainer._init_kvstore()
+    if trainer._params_to_init:
+        trainer._init_params()
+
+
 
 
 def _patch_create_kvstore() -> None:

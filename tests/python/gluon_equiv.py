@@ -58,6 +58,8 @@ def main() -> int:
         kvstore = mx.kv.create("kvd")
     trainer = gluon.Trainer(net.collect_params(), args.optimizer, opt_params,
                             kvstore=kvstore, **kw)
+    if args.kvstore != "none":
+        kvd.mxnet.broadcast_parameters(trainer)  # rank 0's weights before the first batch
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     for s in range(args.steps):
         lo = s * args.batch + rank * local
