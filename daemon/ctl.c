@@ -28,6 +28,7 @@
 #include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
 
@@ -38,7 +39,18 @@
 #define RING_DEPTH 256
 #define CMSG_BUF 64
 
-enum tag { T_CONN = 0, T_ACCEPT = 1, T_SIGNAL = 2, T_EVICT = 3, T_WATCHDOG = 4, T_STATUS = 5 };
+enum tag {
+	T_CONN = 0,
+	T_ACCEPT = 1,
+	T_SIGNAL = 2,
+	T_EVICT = 3, /* the engine's eventfd: evictions, finished checkpoints */
+	T_WATCHDOG = 4,
+	T_STATUS = 5,
+	T_CKPT = 6, /* a checkpoint's write, fsync or read */
+};
+
+#define CKPT_CHUNK (1u << 30)        /* bytes per io_uring read or write */
+#define CKPT_MAX ((size_t)64 << 30) /* the largest checkpoint kvd loads */
 
 #define STATUS_MIN_INTERVAL 1.0 /* seconds between two STATUS= notifications */
 
@@ -74,6 +86,11 @@ struct ctl {
 	struct __kernel_timespec status_ts; /* read by the kernel at submit */
 	bool status_armed;                  /* a T_STATUS timeout is pending */
 	double status_last;                 /* when the last STATUS= went out */
+
+	/* checkpoints: the engine hands finished ones back on ckpt_done */
+	pthread_mutex_t ckpt_lock;
+	struct ckpt_req *ckpt_done;
+	struct ckpt_req *ckpt_out; /* every outstanding request (conn close unhooks) */
 };
 
 static void *tagged(void *p, enum tag t)
@@ -408,6 +425,70 @@ static int on_status(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 }
 
 static void conn_close(struct ctl *x, struct conn *cn);
+static int on_ckpt(struct ctl *x, struct conn *cn, const struct kv_msg *m, int fd);
+
+/* Answer every rank waiting in kv_set_optimizer of job j, and end the vote. */
+static void opt_votes_reply(struct job *j, int code, const char *text)
+{
+	for (int i = 0; i < j->nopt_votes; i++)
+		reply_error(j->opt_votes[i].cn, j->opt_votes[i].seq, code, text);
+	j->nopt_votes = 0;
+	free(j->opt_pending);
+	j->opt_pending = NULL;
+}
+
+/*
+ * kv_set_optimizer is collective: every rank sets the same spec, and the
+ * calls return once the last rank's arrives (a rank setting another spec
+ * meanwhile gets KV_ERR_MISMATCH; a rank leaving fails the vote with
+ * KV_ERR_PEER).  Replies to the earlier ranks wait in opt_votes.
+ */
+static int on_optimizer(struct ctl *x, struct conn *cn, const struct kv_msg *m)
+{
+	struct client *c = cn->cl;
+	struct job *j = c->job;
+	struct opt_cfg *cfg = calloc(1, sizeof(*cfg));
+	char why[1024];
+	int rc;
+
+	if (!cfg)
+		return reply_error(cn, m->seq, KV_ERR_NOMEM, "out of memory");
+	rc = opt_parse(m->u.optimizer.spec, m->u.optimizer.len, cfg, why, sizeof(why));
+	if (rc) {
+		free(cfg);
+		return reply_error(cn, m->seq, rc, why);
+	}
+	if (j->opt_pending) {
+		if (!opt_same(cfg, j->opt_pending)) {
+			snprintf(why, sizeof(why),
+				 "rank %d sets optimizer '%.200s' while other ranks of job '%s' set "
+				 "'%.200s'",
+				 c->rank, cfg->spec, j->name, j->opt_pending->spec);
+			free(cfg);
+			return reply_error(cn, m->seq, KV_ERR_MISMATCH, why);
+		}
+		free(cfg);
+	} else {
+		j->opt_pending = cfg;
+	}
+	for (int i = 0; i < j->nopt_votes; i++)
+		if (j->opt_votes[i].rank == c->rank)
+			return reply_error(cn, m->seq, KV_ERR_INVALID,
+					   "this rank is already setting the optimizer");
+	if (!j->opt_votes && !(j->opt_votes = calloc((size_t)j->num_workers,
+						      sizeof(*j->opt_votes))))
+		return reply_error(cn, m->seq, KV_ERR_NOMEM, "out of memory");
+	j->opt_votes[j->nopt_votes++] = (struct opt_vote){ cn, m->seq, c->rank };
+	if (j->nopt_votes < j->num_workers)
+		return 0; /* the reply waits for the other ranks */
+	why[0] = '\0';
+	cfg = j->opt_pending;
+	rc = job_set_optimizer(x->d, j, cfg, why, sizeof(why));
+	if (rc == 0)
+		j->opt_pending = NULL; /* now the job's; kept until the job ends */
+	opt_votes_reply(j, rc, rc ? why : "optimizer set");
+	return 0;
+}
 
 static int on_drop(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 {
@@ -456,8 +537,16 @@ static void handle(struct ctl *x, struct conn *cn, size_t len, const int *fds, i
 	char text[256];
 	int rc = kv_msg_decode(cn->buf, len, &m, &why);
 
-	for (int i = 0; i < nfds; i++) /* no message of this version carries fds to kvd */
+	/* only SAVE and LOAD carry an fd (one); the rest are closed below */
+	for (int i = 1; i < nfds; i++)
 		close(fds[i]);
+	if (nfds > 1)
+		nfds = 1;
+	if (rc || (nfds && m.type != KV_MSG_SAVE && m.type != KV_MSG_LOAD)) {
+		if (nfds)
+			close(fds[0]);
+		nfds = 0;
+	}
 	if (rc) {
 		snprintf(text, sizeof(text), "malformed message: %s (%s)", kv_msg_strerror(rc),
 			 why ? why : "?");
@@ -495,12 +584,16 @@ static void handle(struct ctl *x, struct conn *cn, size_t len, const int *fds, i
 		rc = reply_error(cn, m.seq, KV_OK, "segment kept until the client leaves");
 		goto out;
 	case KV_MSG_OPTIMIZER:
+		if (!cn->cl)
+			break;
+		rc = on_optimizer(x, cn, &m);
+		goto out;
 	case KV_MSG_SAVE:
 	case KV_MSG_LOAD:
 		if (!cn->cl)
 			break;
-		rc = reply_error(cn, m.seq, KV_ERR_UNSUPPORTED,
-				 "optimizer in the store is not supported by this kvd yet");
+		rc = on_ckpt(x, cn, &m, nfds > 0 ? fds[0] : -1);
+		nfds = 0; /* on_ckpt owns the fd */
 		goto out;
 	default:
 		break;
@@ -549,10 +642,21 @@ static void conn_close(struct ctl *x, struct conn *cn)
 	struct kvd *d = x->d;
 	struct client *c = cn->cl;
 
+	for (struct ckpt_req *r = x->ckpt_out; r; r = r->cnext)
+		if (r->cn == cn)
+			r->cn = NULL; /* its reply has nobody to go to */
 	if (c) {
 		struct job *j = c->job;
 		bool last;
 
+		if (j->nopt_votes) {
+			/* a rank left: the others' kv_set_optimizer cannot complete */
+			for (int i = 0; i < j->nopt_votes; i++)
+				if (j->opt_votes[i].cn == cn)
+					j->opt_votes[i] = j->opt_votes[--j->nopt_votes];
+			opt_votes_reply(j, KV_ERR_PEER,
+					"a rank left the job while it was setting the optimizer");
+		}
 		pthread_mutex_lock(&d->lock);
 		j->ranks[c->rank] = NULL;
 		j->present--;
@@ -596,8 +700,185 @@ void ctl_evict(struct kvd *d, struct client *c)
 	(void)!write(d->ctl->evfd, &one, sizeof(one));
 }
 
+/* ------------------------------------------------------------------ checkpoints */
+
+static void ckpt_finish(struct ctl *x, struct ckpt_req *r)
+{
+	if (r->cn) {
+		char ok[128];
+
+		if (r->status == 0)
+			snprintf(ok, sizeof(ok), "%s %zu bytes", r->load ? "loaded" : "saved", r->len);
+		reply_error(r->cn, r->seq, r->status, r->status ? r->why : ok);
+	}
+	if (r->status == 0)
+		kvd_log("job %s: checkpoint %s (%zu bytes)", r->job->name,
+			r->load ? "loaded" : "saved", r->len);
+	else
+		kvd_log("job %s: checkpoint %s failed: %s", r->job->name,
+			r->load ? "load" : "save", r->why);
+	if (r->cprev)
+		r->cprev->cnext = r->cnext;
+	else
+		x->ckpt_out = r->cnext;
+	if (r->cnext)
+		r->cnext->cprev = r->cprev;
+	close(r->fd);
+	free(r->buf);
+	free(r);
+}
+
+/* Write a save's bytes, then fsync, as one linked io_uring chain. */
+static void ckpt_write(struct ctl *x, struct ckpt_req *r)
+{
+	size_t chunks = (r->len + CKPT_CHUNK - 1) / CKPT_CHUNK;
+
+	if (io_uring_sq_space_left(&x->ring) < chunks + 1)
+		io_uring_submit(&x->ring); /* a chain must go in one submission */
+	for (size_t i = 0; i < chunks; i++) {
+		struct io_uring_sqe *s = get_sqe(x);
+		size_t off = i * CKPT_CHUNK, n = r->len - off < CKPT_CHUNK ? r->len - off : CKPT_CHUNK;
+
+		io_uring_prep_write(s, r->fd, r->buf + off, (unsigned)n, off);
+		s->flags |= IOSQE_IO_LINK; /* the fsync runs only after every write */
+		io_uring_sqe_set_data(s, tagged(r, T_CKPT));
+	}
+	struct io_uring_sqe *s = get_sqe(x);
+	io_uring_prep_fsync(s, r->fd, 0);
+	io_uring_sqe_set_data(s, tagged(r, T_CKPT));
+	r->inflight = (int)chunks + 1;
+}
+
+static void ckpt_read(struct ctl *x, struct ckpt_req *r)
+{
+	size_t chunks = (r->len + CKPT_CHUNK - 1) / CKPT_CHUNK;
+
+	if (io_uring_sq_space_left(&x->ring) < chunks)
+		io_uring_submit(&x->ring);
+	for (size_t i = 0; i < chunks; i++) {
+		struct io_uring_sqe *s = get_sqe(x);
+		size_t off = i * CKPT_CHUNK, n = r->len - off < CKPT_CHUNK ? r->len - off : CKPT_CHUNK;
+
+		io_uring_prep_read(s, r->fd, r->buf + off, (unsigned)n, off);
+		if (i + 1 < chunks)
+			s->flags |= IOSQE_IO_LINK;
+		io_uring_sqe_set_data(s, tagged(r, T_CKPT));
+	}
+	r->inflight = (int)chunks;
+}
+
+static void on_ckpt_cqe(struct ctl *x, struct ckpt_req *r, int res)
+{
+	if (res < 0 && r->status == 0) {
+		r->status = KV_ERR_IO;
+		snprintf(r->why, sizeof(r->why), "checkpoint %s: %s", r->load ? "read" : "write",
+			 strerror(-res));
+	}
+	if (--r->inflight > 0)
+		return;
+	if (r->load && r->status == 0) {
+		/* the whole file is in: check it, then the engine restores it */
+		r->status = ckpt_verify(r->buf, r->len, r->why, sizeof(r->why));
+		if (r->status == 0) {
+			engine_ckpt(x->d, r);
+			return;
+		}
+	}
+	ckpt_finish(x, r);
+}
+
+void ctl_ckpt_done(struct kvd *d, struct ckpt_req *req)
+{
+	struct ctl *x = d->ctl;
+	uint64_t one = 1;
+
+	pthread_mutex_lock(&x->ckpt_lock);
+	req->next = x->ckpt_done;
+	x->ckpt_done = req;
+	pthread_mutex_unlock(&x->ckpt_lock);
+	(void)!write(x->evfd, &one, sizeof(one));
+}
+
+static void ckpt_drain(struct ctl *x)
+{
+	struct ckpt_req *r;
+
+	pthread_mutex_lock(&x->ckpt_lock);
+	r = x->ckpt_done;
+	x->ckpt_done = NULL;
+	pthread_mutex_unlock(&x->ckpt_lock);
+	while (r) {
+		struct ckpt_req *next = r->next;
+		if (r->status == 0 && !r->load)
+			ckpt_write(x, r);
+		else
+			ckpt_finish(x, r);
+		r = next;
+	}
+}
+
+/*
+ * SAVE and LOAD come with an fd the client opened with its own permissions:
+ * kvd never opens a path.  Save: a temp file the client created, empty and
+ * writable; kvd writes and fsyncs it, and the client renames it into place.
+ * Load: the file, readable.
+ */
+static int on_ckpt(struct ctl *x, struct conn *cn, const struct kv_msg *m, int fd)
+{
+	struct ckpt_req *r;
+	struct stat st;
+	int acc = fd >= 0 ? fcntl(fd, F_GETFL) & O_ACCMODE : -1;
+	bool load = m->type == KV_MSG_LOAD;
+	const char *bad = NULL;
+
+	if (fd < 0)
+		bad = "the request carries no file";
+	else if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
+		bad = "the file is not a regular file";
+	else if (load && acc == O_WRONLY)
+		bad = "the file is not open for reading";
+	else if (!load && (acc == O_RDONLY || st.st_size != 0))
+		bad = "the temp file must be empty and open for writing";
+	else if (load && (size_t)st.st_size > CKPT_MAX)
+		bad = "the file is larger than any checkpoint kvd loads";
+	if (bad) {
+		if (fd >= 0)
+			close(fd);
+		return reply_error(cn, m->seq, KV_ERR_INVALID, bad);
+	}
+	r = calloc(1, sizeof(*r));
+	if (!r || (load && !(r->buf = malloc((size_t)st.st_size ? (size_t)st.st_size : 1)))) {
+		free(r);
+		close(fd);
+		return reply_error(cn, m->seq, KV_ERR_NOMEM, "out of memory for the checkpoint");
+	}
+	r->job = cn->cl->job;
+	r->cn = cn;
+	r->seq = m->seq;
+	r->fd = fd;
+	r->load = load;
+	r->dump_spec = !load && (m->u.file.flags & 1);
+	r->cnext = x->ckpt_out;
+	if (x->ckpt_out)
+		x->ckpt_out->cprev = r;
+	x->ckpt_out = r;
+	if (load) {
+		r->len = (size_t)st.st_size;
+		if (r->len == 0) {
+			r->status = ckpt_verify(r->buf, 0, r->why, sizeof(r->why));
+			ckpt_finish(x, r);
+			return 0;
+		}
+		ckpt_read(x, r);
+	} else {
+		engine_ckpt(x->d, r);
+	}
+	return 0;
+}
+
 static void on_evict(struct ctl *x)
 {
+	ckpt_drain(x);
 	for (struct conn *cn = x->conns; cn; cn = cn->next)
 		if (cn->cl && __atomic_load_n(&cn->cl->evict, __ATOMIC_ACQUIRE))
 			shutdown(cn->fd, SHUT_RDWR); /* its recvmsg completes with EOF */
@@ -631,6 +912,9 @@ static void on_cqe(struct ctl *x, struct io_uring_cqe *cqe)
 		if (cqe->res == (int)sizeof(x->si))
 			on_signal(x);
 		arm_read(x, x->sigfd, &x->si, sizeof(x->si), T_SIGNAL);
+		break;
+	case T_CKPT:
+		on_ckpt_cqe(x, (struct ckpt_req *)(ud & ~(uintptr_t)7), cqe->res);
 		break;
 	case T_EVICT:
 		on_evict(x);
@@ -696,6 +980,7 @@ int ctl_run(struct kvd *d)
 	if (!x)
 		return -ENOMEM;
 	x->d = d;
+	pthread_mutex_init(&x->ckpt_lock, NULL);
 	d->ctl = x;
 	sigemptyset(&mask);
 	sigaddset(&mask, SIGTERM);
@@ -761,7 +1046,17 @@ int ctl_run(struct kvd *d)
 		free(cn);
 	}
 	engine_free_all(d);
-	io_uring_queue_exit(&x->ring);
+	io_uring_queue_exit(&x->ring); /* cancels what is still in flight */
+	pthread_mutex_lock(&x->ckpt_lock);
+	x->ckpt_done = NULL; /* each is on ckpt_out too */
+	pthread_mutex_unlock(&x->ckpt_lock);
+	while (x->ckpt_out) {
+		struct ckpt_req *r = x->ckpt_out;
+		x->ckpt_out = r->cnext;
+		close(r->fd);
+		free(r->buf);
+		free(r);
+	}
 	close(x->sigfd);
 	close(x->evfd);
 	if (x->wdfd >= 0)

@@ -37,6 +37,7 @@
 #include <unistd.h>
 
 #include "kvd.h"
+#include "../kernels/optim.h"
 #include "../kernels/reduce.h"
 #include "../shm/futex.h"
 
@@ -57,6 +58,7 @@ struct event {
 	enum ev_type type;
 	struct client *c;
 	struct job *j;
+	struct ckpt_req *req;
 };
 
 struct task {
@@ -69,7 +71,14 @@ struct task {
 	size_t n;
 	int nin, nout;
 	struct client **refs; /* clients whose memory the task touches (nin of them) */
-	uint8_t **ptrs;       /* nin inputs, then nout outputs (outs[0]: the value) */
+	uint8_t **ptrs;       /* nin inputs, then nout outputs (outs[0]: the value, or
+			       * with an optimizer the summed gradient) */
+	/* optimizer rounds: outs[0] is the gradient scratch; then the update */
+	struct opt_params opt;
+	uint64_t t;
+	float *weight, *s0, *s1; /* weight: the value (f32 keys) or the master copy */
+	uint8_t *value;          /* the key's value part */
+	uint8_t *scratch;        /* malloc'd, freed with the task */
 };
 
 struct engine {
@@ -439,6 +448,7 @@ static void round_done(struct engine *e, struct job *j, struct key *k, uint32_t 
 
 static void task_free(struct task *t)
 {
+	free(t->scratch);
 	free(t);
 }
 
@@ -458,6 +468,50 @@ static struct task *task_new(struct job *j, struct key *k, uint32_t part, int ni
 	t->dtype = k->dtype;
 	t->n = part_elems(k, part);
 	return t;
+}
+
+static bool opt_dtype(kv_dtype t)
+{
+	return t == KV_FLOAT32 || t == KV_FLOAT16 || t == KV_BFLOAT16;
+}
+
+int part_opt_alloc(struct key *k, uint32_t part, const struct opt_cfg *opt)
+{
+	struct part *p = &k->parts[part];
+	size_t n = part_elems(k, part);
+	int ns = opt ? optim_nstates(&opt->p) : 0;
+
+	free(p->master);
+	free(p->s0);
+	free(p->s1);
+	p->master = p->s0 = p->s1 = NULL;
+	if (k->dtype != KV_FLOAT32 && !(p->master = malloc(n * sizeof(float))))
+		return -ENOMEM;
+	if (ns >= 1 && !(p->s0 = calloc(n, sizeof(float))))
+		return -ENOMEM;
+	if (ns >= 2 && !(p->s1 = calloc(n, sizeof(float))))
+		return -ENOMEM;
+	p->opt_fresh = opt ? opt->fresh : 0;
+	return 0;
+}
+
+/* The part's optimizer state for opt, made or reset (another optimizer) as needed. */
+static int part_opt_state(struct key *k, uint32_t part, const struct opt_cfg *opt)
+{
+	struct part *p = &k->parts[part];
+	size_t n = part_elems(k, part);
+	uint8_t *v = part_value(k, part);
+
+	if ((p->s0 || p->master) && p->opt_fresh == opt->fresh)
+		return 0;
+	if (part_opt_alloc(k, part, opt))
+		return -ENOMEM;
+	if (p->master)
+		for (size_t i = 0; i < n; i++)
+			p->master[i] = k->dtype == KV_FLOAT16 ? half_to_float(((uint16_t *)v)[i])
+							      : bf16_to_float(((uint16_t *)v)[i]);
+	p->opt_t = 0;
+	return 0;
 }
 
 /* Collect the round's buffers: ins are every head's input (or rank 0's for a
@@ -480,6 +534,23 @@ static struct task *round_task(struct job *j, struct key *k, uint32_t part)
 		t->refs[i] = p->head[i]->c;
 	}
 	t->ptrs[nin] = part_value(k, part);
+	t->value = part_value(k, part);
+	if (kind == KIND_SUM && opt_dtype(k->dtype)) {
+		/* pairs with the store-release in the control thread's set_optimizer */
+		const struct opt_cfg *opt = __atomic_load_n(&j->opt, __ATOMIC_ACQUIRE);
+
+		if (opt && part_opt_state(k, part, opt) == 0 &&
+		    (t->scratch = malloc(t->n * k->esize))) {
+			t->opt = opt->p;
+			t->t = ++p->opt_t;
+			t->weight = p->master ? p->master : (float *)t->value;
+			t->s0 = p->s0;
+			t->s1 = p->s1;
+			t->ptrs[nin] = t->scratch;
+		} else if (opt) {
+			kvd_log("out of memory for the optimizer state of key '%s'", k->name);
+		}
+	}
 	for (int r = 0, o = nin + 1; r < n; r++) {
 		uint8_t *out = p->head[r]->out;
 		if (!out)
@@ -496,8 +567,23 @@ static struct task *round_task(struct job *j, struct key *k, uint32_t part)
 
 static void task_run(struct task *t)
 {
-	round_exec(t->kind, t->dtype, t->ptrs, t->nin, t->ptrs + t->nin, t->nout, t->n);
+	uint8_t **outs = t->ptrs + t->nin;
+
+	if (!t->opt.kind) {
+		round_exec(t->kind, t->dtype, t->ptrs, t->nin, outs, t->nout, t->n);
+		return;
+	}
+	/* sum the gradient, update the weight (and its stored copy), hand it out */
+	round_exec(KIND_SUM, t->dtype, t->ptrs, t->nin, outs, 1, t->n);
+	optim_update(REDUCE_CPU, NULL, &t->opt, t->t, t->weight, t->scratch, t->dtype, t->s0,
+		     t->s1, t->dtype == KV_FLOAT32 ? NULL : t->value, t->dtype, t->n);
+	for (int i = 1; i < t->nout; i += REDUCE_MAX_INPUTS) {
+		int m = t->nout - i < REDUCE_MAX_INPUTS ? t->nout - i : REDUCE_MAX_INPUTS;
+		reduce_copy(REDUCE_CPU, NULL, t->dtype, (void *const *)(outs + i), m, t->value,
+			    t->n);
+	}
 }
+
 
 static int run_ready(struct engine *e)
 {
@@ -578,6 +664,7 @@ static void *worker_main(void *arg)
 
 static void client_release(struct engine *e, struct client *c);
 static void job_maybe_free(struct engine *e, struct job *j);
+static void run_ckpts(struct engine *e, struct job *j);
 
 static int drain_done(struct engine *e)
 {
@@ -603,6 +690,7 @@ static int drain_done(struct engine *e)
 				client_release(e, c);
 		}
 		task_free(t);
+		run_ckpts(e, j);
 		job_maybe_free(e, j);
 		t = next;
 		n++;
@@ -796,7 +884,7 @@ static void take(struct engine *e, struct client *c, const struct kv_sqe *s)
 		complete(e, x, KV_ERR_MISMATCH, 0);
 		return;
 	}
-	if (s->part >= k->nparts || k->dkey) { /* direct keys never come through here */
+	if (s->part >= k->nparts || key_direct(k)) { /* direct keys never come through here */
 		complete(e, x, KV_ERR_INVALID, 0);
 		return;
 	}
@@ -997,8 +1085,32 @@ static void job_maybe_free(struct engine *e, struct job *j)
 		if (c->job == j)
 			return;
 	ready_purge(&e->ready, j);
+	while (j->ckpt) {
+		struct ckpt_req *r = j->ckpt;
+		j->ckpt = r->next;
+		r->status = KV_ERR_PEER;
+		snprintf(r->why, sizeof(r->why), "the job ended");
+		ctl_ckpt_done(e->d, r);
+	}
 	kvd_log("job '%s' ended", j->name);
 	job_free(e->d, j);
+}
+
+/* Take or restore the snapshots the job waits for, once no round of it is on a worker. */
+static void run_ckpts(struct engine *e, struct job *j)
+{
+	while (j->ckpt && j->busy == 0) {
+		struct ckpt_req *r = j->ckpt;
+
+		j->ckpt = r->next;
+		r->next = NULL;
+		if (r->load)
+			r->status = ckpt_restore(j, r->buf, r->len, r->why, sizeof(r->why));
+		else
+			r->status = ckpt_snapshot(j, r->dump_spec, &r->buf, &r->len, r->why,
+						  sizeof(r->why));
+		ctl_ckpt_done(e->d, r);
+	}
 }
 
 static void start_held(struct engine *e, struct job *j)
@@ -1091,6 +1203,16 @@ static int drain_events(struct engine *e)
 			break;
 		case EV_LEAVE:
 			on_leave(e, ev->c, ev->j != NULL);
+			break;
+		case EV_CKPT:
+			ev->req->next = NULL;
+			{
+				struct ckpt_req **pp = &ev->j->ckpt;
+				while (*pp)
+					pp = &(*pp)->next;
+				*pp = ev->req;
+			}
+			run_ckpts(e, ev->j);
 			break;
 		case EV_DROP:
 			ev->j->dropped = true;
@@ -1210,6 +1332,32 @@ void engine_post(struct kvd *d, enum ev_type t, struct client *c, struct job *j)
 	ev->type = t;
 	ev->c = c;
 	ev->j = j;
+	pthread_mutex_lock(&e->qlock);
+	if (e->ev_tail)
+		e->ev_tail->next = ev;
+	else
+		e->ev_head = ev;
+	e->ev_tail = ev;
+	__atomic_store_n(&e->pending_events, 1, __ATOMIC_RELAXED);
+	pthread_mutex_unlock(&e->qlock);
+	(void)!write(e->doorbell, &one, sizeof(one));
+}
+
+void engine_ckpt(struct kvd *d, struct ckpt_req *req)
+{
+	struct engine *e = d->eng;
+	struct event *ev = calloc(1, sizeof(*ev));
+	uint64_t one = 1;
+
+	if (!ev) {
+		req->status = KV_ERR_NOMEM;
+		snprintf(req->why, sizeof(req->why), "out of memory");
+		ctl_ckpt_done(d, req);
+		return;
+	}
+	ev->type = EV_CKPT;
+	ev->j = req->job;
+	ev->req = req;
 	pthread_mutex_lock(&e->qlock);
 	if (e->ev_tail)
 		e->ev_tail->next = ev;

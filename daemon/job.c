@@ -278,6 +278,9 @@ static void key_free(struct key *k, int num_workers)
 	if (!k)
 		return;
 	for (uint32_t p = 0; p < k->nparts; p++) {
+		free(k->parts[p].master);
+		free(k->parts[p].s0);
+		free(k->parts[p].s1);
 		free(k->parts[p].head);
 		free(k->parts[p].tail);
 		free(k->parts[p].submitted);
@@ -308,6 +311,12 @@ void job_free(struct kvd *d, struct job *j)
 	}
 	free(j->direct_segs);
 	arena_fini(&j->direct);
+	for (struct opt_cfg *o = j->opt, *older; o; o = older) {
+		older = o->older;
+		free(o);
+	}
+	free(j->opt_pending);
+	free(j->opt_votes);
 	seg_unmap(j->board, KV_BOARD_SIZE);
 	close(j->board_fd);
 	if (j->names)
@@ -420,7 +429,7 @@ int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, struct ke
 		return KV_ERR_NOMEM;
 	}
 	why[0] = '\0';
-	if (bytes <= d->cfg.direct_max) {
+	if (bytes <= d->cfg.direct_max && !j->opt) {
 		/* direct rounds when there is room; the engine path otherwise */
 		uint64_t size = kv_dkey_size((uint32_t)j->num_workers, bytes);
 		void *blk = job_alloc(d, j, true, size, why, whylen);
@@ -469,4 +478,54 @@ out_nomem:
 	key_free(k, j->num_workers);
 	snprintf(why, whylen, "out of memory creating key '%.*s'", (int)len, name);
 	return KV_ERR_NOMEM;
+}
+
+int job_set_optimizer(struct kvd *d, struct job *j, struct opt_cfg *opt, char *why,
+		      size_t whylen)
+{
+	struct opt_cfg *cur = j->opt;
+	uint32_t n = j->nkeys;
+
+	/*
+	 * The optimizer runs in kvd: direct keys move to the engine.  Every rank
+	 * is inside kv_set_optimizer (it is collective), so no direct round is
+	 * open; the engine has never touched these keys, so their engine-side
+	 * fields are set here and published by the release store of moved.
+	 */
+	for (uint32_t i = 0; i < n; i++) {
+		struct key *k = job_key(j, i);
+		uint64_t bytes = k->count * k->esize;
+		uint32_t done;
+		bool has;
+
+		if (!k->dkey || k->moved)
+			continue;
+		k->value = job_alloc(d, j, false, bytes, why, whylen);
+		if (!k->value) {
+			if (!why[0])
+				snprintf(why, whylen, "no room for the value of key '%s'", k->name);
+			return KV_ERR_NOMEM;
+		}
+		has = __atomic_load_n(&k->dkey->has_value, __ATOMIC_ACQUIRE) != 0;
+		done = __atomic_load_n(&k->dkey->done, __ATOMIC_ACQUIRE);
+		if (has)
+			memcpy(k->value,
+			       (uint8_t *)k->dkey + kv_dkey_result_off((uint32_t)j->num_workers, bytes,
+								       done & 1),
+			       bytes);
+		for (uint32_t p = 0; p < k->nparts; p++)
+			k->parts[p].has_value = has;
+		k->parts_valued = has ? k->nparts : 0;
+		__atomic_store_n(&k->has_value, has ? 1 : 0, __ATOMIC_RELAXED);
+		__atomic_store_n(&k->dkey->moved, 1, __ATOMIC_SEQ_CST);
+		/* publishes the fields above to the engine; pairs with key_direct() */
+		__atomic_store_n(&k->moved, 1, __ATOMIC_RELEASE);
+	}
+	opt->fresh = cur && strcmp(cur->name, opt->name) == 0 ? cur->fresh : (cur ? cur->fresh + 1 : 1);
+	opt->older = cur;
+	/* pairs with the load-acquire in the engine's round_task() */
+	__atomic_store_n(&j->opt, opt, __ATOMIC_RELEASE);
+	kvd_log("job %s: optimizer '%s'%s", j->name, opt->spec,
+		cur && opt->fresh == cur->fresh ? " (states kept)" : "");
+	return 0;
 }

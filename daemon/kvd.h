@@ -24,6 +24,7 @@
 #include <sys/types.h>
 
 #include "kv.h"
+#include "../kernels/optim.h"
 #include "../shm/arena.h"
 #include "../shm/layout.h"
 #include "../shm/msg.h"
@@ -89,8 +90,23 @@ struct client {
 	char evict_why[96]; /* [eng] written before evict is set */
 };
 
+/* An optimizer configuration: immutable once published; replaced ones are
+ * kept (older) until the job ends, since the engine may still read them. */
+struct opt_cfg {
+	struct opt_params p;
+	char name[8];
+	char spec[KV_SPEC_MAX + 1];
+	uint32_t fresh; /* states generation: a new optimizer name starts new states */
+	struct opt_cfg *older;
+};
+
 struct part {
 	uint64_t rounds_done;     /* [eng] */
+	/* [eng] optimizer state, made at the part's first update */
+	float *master;   /* f32 master weights (f16/bf16 keys; f32 keys update the value) */
+	float *s0, *s1;  /* momentum, or Adam's mean and variance */
+	uint64_t opt_t;  /* updates applied (Adam's step count) */
+	uint32_t opt_fresh;
 	struct contrib **head;    /* [eng] per rank FIFO of round contributions */
 	struct contrib **tail;
 	uint64_t *submitted; /* [eng] per rank: rounds this rank has contributed to */
@@ -116,6 +132,7 @@ struct key {
 	uint32_t dseg;        /* [const] which direct segment */
 	uint64_t doff;        /* [const] and where in it */
 	uint32_t has_value;  /* [atomic] every part holds a value */
+	uint32_t moved;      /* [atomic] a direct key now served by the engine (optimizer set) */
 	uint32_t parts_valued; /* [eng] */
 	struct part *parts;  /* [const] pointer; contents [eng] */
 };
@@ -147,6 +164,12 @@ struct job {
 	uint64_t bytes; /* [atomic] shared bytes held by the job (values and its clients) */
 
 	/* [eng] */
+	struct opt_cfg *opt; /* [ctl] publishes (release), [eng] reads (acquire); NULL: sums only */
+	/* [ctl] the collective kv_set_optimizer in progress */
+	struct opt_cfg *opt_pending;
+	struct opt_vote *opt_votes; /* one per rank that called it, with its request */
+	int nopt_votes;
+
 	struct client **eng_ranks;
 	int eng_present;
 	bool complete_once;  /* every rank has been present at once */
@@ -154,6 +177,7 @@ struct job {
 	bool gone;           /* the last rank left: free once busy == 0 */
 	int busy;            /* tasks on workers */
 	struct contrib *held; /* init/pull ops held until the job is first complete */
+	struct ckpt_req *ckpt; /* checkpoints waiting for the job's workers to be idle */
 
 	/* statistics [atomic]: written by the engine, read by the control thread */
 	uint64_t rounds, bytes_reduced, ops, inflight, peak_inflight;
@@ -230,8 +254,14 @@ static inline struct key *job_key(struct job *j, uint32_t id)
 /* Does the key hold a value (for direct keys the ranks set it in shared memory)? */
 static inline bool key_has_value(struct key *k)
 {
-	return k->dkey ? __atomic_load_n(&k->dkey->has_value, __ATOMIC_ACQUIRE) != 0
+	return k->dkey && !__atomic_load_n(&k->moved, __ATOMIC_ACQUIRE)
+		       ? __atomic_load_n(&k->dkey->has_value, __ATOMIC_ACQUIRE) != 0
 		       : __atomic_load_n(&k->has_value, __ATOMIC_ACQUIRE) != 0;
+}
+/* A direct key served by the engine from now on? */
+static inline bool key_direct(struct key *k)
+{
+	return k->dkey && !__atomic_load_n(&k->moved, __ATOMIC_ACQUIRE);
 }
 /* Find or create; returns 0 or a KV_ERR_* with why filled. */
 int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, struct key **out,
@@ -253,7 +283,7 @@ int client_add_seg(struct kvd *d, struct client *c, uint64_t bytes, uint32_t *id
 void client_free(struct kvd *d, struct client *c);
 
 /* engine.c */
-enum ev_type { EV_JOIN, EV_LEAVE, EV_DROP, EV_SHUTDOWN };
+enum ev_type { EV_JOIN, EV_LEAVE, EV_DROP, EV_SHUTDOWN, EV_CKPT };
 int engine_start(struct kvd *d);
 void engine_post(struct kvd *d, enum ev_type t, struct client *c, struct job *j);
 void engine_stop(struct kvd *d); /* after EV_SHUTDOWN: joins the threads */
@@ -263,6 +293,49 @@ int engine_doorbell(struct kvd *d);
 /* ctl.c */
 int ctl_run(struct kvd *d); /* the control loop; returns at shutdown */
 void ctl_evict(struct kvd *d, struct client *c);    /* engine: disconnect c */
+
+/* An optimizer vote: a rank's kv_set_optimizer waiting for the others. */
+struct opt_vote {
+	struct conn *cn;
+	uint32_t seq;
+	int rank;
+};
+
+/* job.c: make opt the job's optimizer (moving direct keys to the engine) */
+int job_set_optimizer(struct kvd *d, struct job *j, struct opt_cfg *opt, char *why,
+		      size_t whylen);
+
+/* A checkpoint request: the control thread moves the bytes, the engine takes
+ * or restores the snapshot when none of the job's rounds is on a worker. */
+struct ckpt_req {
+	struct ckpt_req *next;   /* [eng] job's waiting list; [ctl] done list */
+	struct ckpt_req *cnext, *cprev; /* [ctl] outstanding requests */
+	struct job *job;
+	struct conn *cn; /* [ctl] NULL once the connection closed */
+	uint32_t seq;
+	int fd;          /* save: the temp file the client made; load: the file */
+	bool load, dump_spec;
+	uint8_t *buf;    /* save: the snapshot; load: the file's bytes */
+	size_t len;
+	int status;
+	int inflight;    /* [ctl] io_uring ops outstanding */
+	char why[512];
+};
+
+/* ckpt.c (the engine calls snapshot and restore; the control thread verify) */
+int ckpt_snapshot(struct job *j, bool dump_spec, uint8_t **out, size_t *outlen, char *why,
+		  size_t whylen);
+int ckpt_verify(const uint8_t *buf, size_t len, char *why, size_t whylen);
+int ckpt_restore(struct job *j, const uint8_t *buf, size_t len, char *why, size_t whylen);
+/* engine.c: the part's state arrays for opt, allocated (contents unset) */
+int part_opt_alloc(struct key *k, uint32_t part, const struct opt_cfg *opt);
+void engine_ckpt(struct kvd *d, struct ckpt_req *req);
+/* ctl.c: the engine is done with req (status and why set) */
+void ctl_ckpt_done(struct kvd *d, struct ckpt_req *req);
+
+/* opt.c */
+int opt_parse(const char *spec, size_t len, struct opt_cfg *out, char *why, size_t whylen);
+bool opt_same(const struct opt_cfg *a, const struct opt_cfg *b);
 
 /* stats.c */
 char *stats_render(struct kvd *d, uint32_t what, uid_t viewer, size_t *len);

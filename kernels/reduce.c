@@ -750,3 +750,88 @@ int reduce_copy(int device, void *stream, kv_dtype t, void *const *outs, int nou
 		copy_cpu(outs, nout, in, n * dtype_size(t));
 	return 0;
 }
+
+/* ------------------------------------------------------------ f32 conversions (optim.c) */
+
+/*
+ * Whole buffers between f32 and f32/f16/bf16, for the optimizer's blocks
+ * (kernels/optim.c): widen the summed gradient once, round the new weights
+ * once.  Same variants and the same bits as the sums above; the widening
+ * is exact, so which variant runs never shows.
+ */
+ALWAYS_INLINE void widen_h_body(float *restrict o, const uint16_t *restrict x, size_t n, bool bf)
+{
+	size_t i = 0;
+	for (; n - i >= CHUNK; i += CHUNK)
+		for (size_t k = 0; k < CHUNK; k++)
+			o[i + k] = h_widen(x[i + k], bf);
+	for (; i < n; i++)
+		o[i] = h_widen(x[i], bf);
+}
+
+typedef void (*widen_fn)(float *o, const uint16_t *x, size_t n);
+
+static void widen_f16_portable(float *o, const uint16_t *x, size_t n)
+{
+	widen_h_body(o, x, n, false);
+}
+
+static void widen_bf16_portable(float *o, const uint16_t *x, size_t n)
+{
+	widen_h_body(o, x, n, true);
+}
+
+#if REDUCE_X86
+#define WIDEN_SIMD(lvl, ATTR, W, LD, STF)                                            \
+	ATTR ALWAYS_INLINE void widen_h_##lvl(float *o, const uint16_t *x, size_t n, \
+					      bool bf)                               \
+	{                                                                            \
+		size_t i = 0;                                                        \
+		for (; n - i >= W; i += W)                                           \
+			STF(o + i, LD(x + i, bf));                                   \
+		if (i < n) {                                                         \
+			uint16_t tx[W] = {0};                                        \
+			float to[W];                                                 \
+			memcpy(tx, x + i, (n - i) * 2);                              \
+			STF(to, LD(tx, bf));                                         \
+			memcpy(o + i, to, (n - i) * 4);                              \
+		}                                                                    \
+	}                                                                            \
+	ATTR static void widen_f16_##lvl(float *o, const uint16_t *x, size_t n)      \
+	{                                                                            \
+		widen_h_##lvl(o, x, n, false);                                       \
+	}                                                                            \
+	ATTR static void widen_bf16_##lvl(float *o, const uint16_t *x, size_t n)     \
+	{                                                                            \
+		widen_h_##lvl(o, x, n, true);                                        \
+	}
+
+WIDEN_SIMD(avx2, TARGET_AVX2, 8, ld8, _mm256_storeu_ps)
+WIDEN_SIMD(avx512, TARGET_AVX512, 16, ld16, _mm512_storeu_ps)
+#endif
+
+static const widen_fn widen_kernels[][2] = {
+	[REDUCE_ISA_PORTABLE] = {widen_f16_portable, widen_bf16_portable},
+#if REDUCE_X86
+	[REDUCE_ISA_AVX2] = {widen_f16_avx2, widen_bf16_avx2},
+	[REDUCE_ISA_AVX512] = {widen_f16_avx512, widen_bf16_avx512},
+#endif
+};
+
+void reduce_to_f32(float *dst, const void *src, kv_dtype t, size_t n)
+{
+	if (t == KV_FLOAT32)
+		memcpy(dst, src, n * sizeof(float));
+	else
+		widen_kernels[reduce_cpu_isa()][t == KV_BFLOAT16 ? HALF_BF16 : HALF_F16](dst, src,
+											 n);
+}
+
+void reduce_from_f32(void *dst, kv_dtype t, const float *src, size_t n)
+{
+	if (t == KV_FLOAT32)
+		memcpy(dst, src, n * sizeof(float));
+	else
+		cpu_kernels[reduce_cpu_isa()].narrow[t == KV_BFLOAT16 ? HALF_BF16 : HALF_F16](dst,
+											     src, n);
+}

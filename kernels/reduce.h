@@ -57,6 +57,15 @@ float bf16_to_float(uint16_t h);
 uint16_t float_to_bf16(float f); /* round to nearest even; NaN kept */
 
 /*
+ * n elements between f32 and t (KV_FLOAT32, KV_FLOAT16 or KV_BFLOAT16 only;
+ * no other checks) on the host, vectorised like the sums and with the same
+ * bits as half_to_float/float_to_half/bf16_to_float/float_to_bf16.  For the
+ * optimizer (optim.c): the buffers do not overlap.
+ */
+void reduce_to_f32(float *dst, const void *src, kv_dtype t, size_t n);
+void reduce_from_f32(void *dst, kv_dtype t, const float *src, size_t n);
+
+/*
  * CPU variants.  reduce_sum() picks the widest the CPU and the OS support
  * (decided once, on first use); tests and benchmarks may cap it to run the
  * narrower ones.  Every variant gives bit-identical results.

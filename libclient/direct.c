@@ -103,6 +103,14 @@ int direct_map(struct local *l, struct lkey *k, uint32_t dseg, uint64_t doff, ui
 	return 0;
 }
 
+bool direct_moved(struct lkey *k)
+{
+	if (!k->dk || !__atomic_load_n(&k->dk->moved, __ATOMIC_ACQUIRE))
+		return false;
+	k->dk = NULL; /* kvd serves it now: the engine path, same key id */
+	return true;
+}
+
 void direct_unmap(struct local *l)
 {
 	for (uint32_t i = 0; i < l->ndsegs; i++) {

@@ -16,6 +16,7 @@
  * cancelled.  One mutex guards the store; it is dropped while sleeping.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <poll.h>
 #include <sched.h>
@@ -110,9 +111,19 @@ static int recv_one(struct local *l, uint8_t *buf, struct kv_msg *m, int *fds, i
 	return 0;
 }
 
+static int request_fd(struct local *l, struct kv_msg *m, struct kv_msg *reply, uint8_t *rbuf,
+		      int sendfd, int *fd, char *err);
+
 /* Send m and wait for its reply; an ERROR reply becomes its code with its text in err. */
 static int request(struct local *l, struct kv_msg *m, struct kv_msg *reply, uint8_t *rbuf,
 		   int *fd, char *err)
+{
+	return request_fd(l, m, reply, rbuf, -1, fd, err);
+}
+
+/* The same, passing sendfd (>= 0) along with the request. */
+static int request_fd(struct local *l, struct kv_msg *m, struct kv_msg *reply, uint8_t *rbuf,
+		      int sendfd, int *fd, char *err)
 {
 	uint8_t buf[KV_MSG_MAX];
 	size_t n;
@@ -125,7 +136,7 @@ static int request(struct local *l, struct kv_msg *m, struct kv_msg *reply, uint
 	n = kv_msg_encode(m, buf, sizeof(buf));
 	if (!n)
 		return fail(err, KV_ERR_INVALID, "request does not fit a message");
-	rc = seg_send(l->sock, buf, n, NULL, 0);
+	rc = seg_send(l->sock, buf, n, sendfd >= 0 ? &sendfd : NULL, sendfd >= 0 ? 1 : 0);
 	if (rc) {
 		mark_dead(l, KV_ERR_DAEMON, "lost the connection to kvd");
 		return fail(err, KV_ERR_DAEMON, "cannot send to kvd: %s", strerror(-rc));
@@ -685,6 +696,8 @@ int local_op(struct local *l, uint8_t opc, const char *key, const void *const *s
 	op->count = count;
 	op->async = ticket != NULL;
 
+	if (k->dk && k->last == NULL)
+		direct_moved(k);
 	if (k->dk) {
 		/* direct rounds: the ranks reduce the key themselves */
 		if (need_out) {
@@ -1019,4 +1032,103 @@ void local_destroy(struct local *l)
 	free(l->opblk);
 	pthread_mutex_destroy(&l->lock);
 	free(l);
+}
+
+int local_set_optimizer(struct local *l, const char *spec, char *err)
+{
+	struct kv_msg m = { .type = KV_MSG_OPTIMIZER }, r;
+	uint8_t rbuf[KV_MSG_MAX];
+	int rc = KV_OK;
+
+	pthread_mutex_lock(&l->lock);
+	/* direct rounds this rank started finish first: the keys may move to kvd */
+	for (uint32_t i = 0; i < l->capkeys && rc == KV_OK; i++) {
+		struct lkey *k = l->keys[i];
+		if (k && k->last && !k->last->async)
+			rc = direct_finish(l, k->last, err);
+		else if (k && k->last)
+			direct_finish(l, k->last, err); /* its kv_wait reports the status */
+	}
+	if (rc == KV_OK) {
+		m.u.optimizer.spec = spec;
+		m.u.optimizer.len = (uint32_t)strlen(spec);
+		rc = request(l, &m, &r, rbuf, NULL, err);
+	}
+	pthread_mutex_unlock(&l->lock);
+	return rc;
+}
+
+/*
+ * Checkpoints.  kvd never opens a path: paths resolve here, with this
+ * process's permissions.  Save: create a temp file next to the target, hand
+ * its fd to kvd, which writes and fsyncs it (one linked io_uring chain);
+ * then rename it over the target and fsync the directory.  A crash at any
+ * point leaves the old file or the new one, never a torn one.
+ */
+int local_save(struct local *l, const char *path, int dump, char *err)
+{
+	struct kv_msg m = { .type = KV_MSG_SAVE }, r;
+	uint8_t rbuf[KV_MSG_MAX];
+	static unsigned seq;
+	char dir[4096], tmp[600];
+	const char *base = strrchr(path, '/');
+	int dirfd, fd, rc;
+
+	if (base) {
+		snprintf(dir, sizeof(dir), "%.*s", (int)(base - path), path);
+		if (!dir[0])
+			snprintf(dir, sizeof(dir), "/");
+		base++;
+	} else {
+		snprintf(dir, sizeof(dir), ".");
+		base = path;
+	}
+	if (!*base || strlen(base) > 255)
+		return fail(err, KV_ERR_INVALID, "'%s' does not name a file", path);
+	dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dirfd < 0)
+		return fail(err, errno == EACCES ? KV_ERR_PERM : KV_ERR_IO,
+			    "cannot open the directory '%s': %s", dir, strerror(errno));
+	snprintf(tmp, sizeof(tmp), ".%s.kvd-%d-%u.tmp", base, (int)getpid(),
+		 __atomic_add_fetch(&seq, 1, __ATOMIC_RELAXED));
+	fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	if (fd < 0) {
+		rc = fail(err, errno == EACCES ? KV_ERR_PERM : KV_ERR_IO,
+			  "cannot create a file in '%s': %s", dir, strerror(errno));
+		close(dirfd);
+		return rc;
+	}
+	m.u.file.flags = dump ? 1 : 0;
+	m.u.file.path = base;
+	m.u.file.len = (uint32_t)strlen(base);
+	pthread_mutex_lock(&l->lock);
+	rc = request_fd(l, &m, &r, rbuf, fd, NULL, err);
+	pthread_mutex_unlock(&l->lock);
+	close(fd);
+	if (rc == KV_OK && renameat(dirfd, tmp, dirfd, base) < 0)
+		rc = fail(err, KV_ERR_IO, "cannot rename the checkpoint to '%s': %s", path,
+			  strerror(errno));
+	if (rc == KV_OK && fsync(dirfd) < 0)
+		rc = fail(err, KV_ERR_IO, "fsync of '%s': %s", dir, strerror(errno));
+	if (rc != KV_OK)
+		unlinkat(dirfd, tmp, 0);
+	close(dirfd);
+	return rc;
+}
+
+int local_load(struct local *l, const char *path, char *err)
+{
+	struct kv_msg m = { .type = KV_MSG_LOAD }, r;
+	uint8_t rbuf[KV_MSG_MAX];
+	int fd = open(path, O_RDONLY | O_CLOEXEC), rc;
+
+	if (fd < 0)
+		return fail(err, errno == EACCES ? KV_ERR_PERM : KV_ERR_IO, "cannot open '%s': %s",
+			    path, strerror(errno));
+	m.u.file.path = "";
+	pthread_mutex_lock(&l->lock);
+	rc = request_fd(l, &m, &r, rbuf, fd, NULL, err);
+	pthread_mutex_unlock(&l->lock);
+	close(fd);
+	return rc;
 }

@@ -104,5 +104,7 @@ int direct_op(struct local *l, uint8_t opc, struct lkey *k, struct lop *op,
 	      const void *const *srcs, int nsrc, char *err);
 int direct_finish(struct local *l, struct lop *op, char *err);
 void direct_unmap(struct local *l);
+/* An optimizer was set: kvd serves the key now (its cached entry switches). */
+bool direct_moved(struct lkey *k);
 
 #endif

@@ -679,7 +679,7 @@ int kv_set_optimizer(kv_store *kv, const char *spec)
 	if (!spec || !*spec || strlen(spec) > KV_SPEC_MAX)
 		return set_err(kv, KV_ERR_INVALID, "optimizer spec is empty or too long");
 	if (kv->kind == B_LOCAL)
-		return unsupported(kv, "an optimizer in the store (not yet)");
+		return local_set_optimizer(kv->local, spec, kv->err);
 	if (!kv->b.set_optimizer)
 		return unsupported(kv, "set_optimizer");
 	return custom_rc(kv, kv->b.set_optimizer(kv->state, spec), "set_optimizer");
@@ -702,7 +702,7 @@ int kv_is_capable(const kv_store *kv, const char *capability)
 		return KV_ERR_INVALID;
 	if (kv->kind == B_LOCAL)
 		return !strcmp(capability, "async") || !strcmp(capability, "priority") ||
-		       !strcmp(capability, "zero_copy");
+		       !strcmp(capability, "zero_copy") || !strcmp(capability, "optimizer");
 	if (!kv->b.is_capable)
 		return 0;
 	return kv->b.is_capable(kv->state, capability) > 0;
@@ -717,7 +717,7 @@ int kv_save_optimizer_states(kv_store *kv, const char *path, int dump_optimizer)
 	if (!path || !*path)
 		return set_err(kv, KV_ERR_INVALID, "save_optimizer_states: path is empty");
 	if (kv->kind == B_LOCAL)
-		return unsupported(kv, "optimizer states (no optimizer in the store yet)");
+		return local_save(kv->local, path, dump_optimizer, kv->err);
 	if (!kv->b.save_optimizer_states)
 		return unsupported(kv, "save_optimizer_states");
 	return custom_rc(kv, kv->b.save_optimizer_states(kv->state, path, dump_optimizer),
@@ -733,7 +733,7 @@ int kv_load_optimizer_states(kv_store *kv, const char *path)
 	if (!path || !*path)
 		return set_err(kv, KV_ERR_INVALID, "load_optimizer_states: path is empty");
 	if (kv->kind == B_LOCAL)
-		return unsupported(kv, "optimizer states (no optimizer in the store yet)");
+		return local_load(kv->local, path, kv->err);
 	if (!kv->b.load_optimizer_states)
 		return unsupported(kv, "load_optimizer_states");
 	return custom_rc(kv, kv->b.load_optimizer_states(kv->state, path),

@@ -198,9 +198,11 @@ struct kv_dkey {
 	int32_t status;     /* of the last completed round: KV_OK or a KV_ERR_* */
 	uint32_t waiters;   /* threads asleep on done */
 	uint32_t has_value; /* futex word: 1 once the key holds a value */
-	uint8_t pad[KV_CACHELINE - 32];
+	uint32_t moved;     /* kvd serves the key's rounds from now on (an optimizer was set) */
+	uint8_t pad[KV_CACHELINE - 36];
 };
 _Static_assert(sizeof(struct kv_dkey) == KV_CACHELINE, "dkey size");
+_Static_assert(offsetof(struct kv_dkey, moved) == 32, "dkey moved offset");
 _Static_assert(offsetof(struct kv_dkey, status) == 20, "dkey status offset");
 _Static_assert(offsetof(struct kv_dkey, has_value) == 28, "dkey has_value offset");
 

@@ -43,7 +43,7 @@ import inspect
 import itertools
 import threading
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Type, TypeVar
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 import numpy as np
 
@@ -111,7 +111,8 @@ def _array(ptr: Optional[int], count: int, t: int, readonly: bool) -> Optional[n
         return None
     dt = _dtypes.to_numpy(t)  # KeyError (bfloat16 without ml_dtypes): KV_ERR_NOKEY...
     nbytes = count * dt.itemsize
-    a = np.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=dt, count=count)
+    buf = (ctypes.c_char * nbytes).from_address(ptr)
+    a = np.frombuffer(buf, dtype=dt, count=count)  # type: ignore[call-overload]
     if readonly:
         a.flags.writeable = False
     return a

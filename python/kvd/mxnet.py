@@ -118,7 +118,7 @@ class _View:
             if not p.value or n == 0:
                 raise KVInvalidError("empty NDArray", KV_ERR_INVALID)
             self.arr = np.frombuffer((ctypes.c_char * (n * dt.itemsize)).from_address(p.value),
-                                     dtype=dt, count=n)
+                                     dtype=dt, count=n)  # type: ignore[call-overload]
             self.copy = False
         else:
             # device memory: a host copy (unavoidable until kvd takes device pointers)
@@ -488,7 +488,7 @@ def broadcast_parameters(trainer: Any) -> None:
 def _patch_create_kvstore() -> None:
     import mxnet.model as model
 
-    orig = model._create_kvstore
+    orig = model._create_kvstore  # type: ignore[attr-defined]
     if getattr(orig, "_kvd_patched", False):
         return
 
@@ -500,14 +500,14 @@ def _patch_create_kvstore() -> None:
         return orig(kvstore, num_device, arg_params)
 
     _create_kvstore._kvd_patched = True  # type: ignore[attr-defined]
-    model._create_kvstore = _create_kvstore
+    model._create_kvstore = _create_kvstore  # type: ignore[attr-defined]
     for modname in ("mxnet.gluon.trainer", "mxnet.module.module"):
         try:
             m = __import__(modname, fromlist=["_create_kvstore"])
         except ImportError:  # pragma: no cover
             continue
         if getattr(m, "_create_kvstore", None) is orig:
-            m._create_kvstore = _create_kvstore
+            setattr(m, "_create_kvstore", _create_kvstore)
 
 
 _patch_create_kvstore()

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _dtypes
 from ._lib import KvOptions, c_ticket, lib
-from .errors import KV_ERR_INVALID, KVError, KVInvalidError, error_class
+from .errors import KV_ERR_INVALID, KV_ERR_NOMEM, KVError, KVInvalidError, KVNoMemError, error_class
 
 __all__ = ["Store", "AsyncHandle", "create", "strerror", "dtype_size", "CAPABILITIES"]
 
@@ -22,7 +22,8 @@ CAPABILITIES = ("optimizer", "gradient_compression", "sparse", "async", "device"
                 "zero_copy")
 
 Key = Union[str, int, bytes]
-ArrayOrList = Union[np.ndarray, Sequence[np.ndarray]]
+Keys = Union[Key, List[Key], Tuple[Key, ...]]
+ArrayOrList = Union[np.ndarray, List[np.ndarray], Tuple[np.ndarray, ...]]
 
 # A Python exception raised inside a custom store's callback (kvd.register),
 # kept per thread so the failing call can chain it (raise ... from exc).
@@ -403,7 +404,7 @@ class Store:
         return res
 
     # ------------------------------------------------------------ ops
-    def init(self, key: Union[Key, Sequence[Key]], value: ArrayOrList) -> None:
+    def init(self, key: Keys, value: ArrayOrList) -> None:
         """Collective ``kv_init``: every rank inits each key once; rank 0's value is stored.
 
         Parameters
@@ -419,7 +420,7 @@ class Store:
         KVExistsError
             This rank already initialised the key.
         """
-        if _is_list(key):
+        if isinstance(key, (list, tuple)):
             if not _is_list(value) or len(value) != len(key):  # type: ignore[arg-type]
                 raise KVInvalidError(
                     f"a list of {len(key)} keys needs a list of {len(key)} values",
@@ -431,7 +432,7 @@ class Store:
         p, n, t = _buf(v, "value", write=False)
         self._call("kv_init", _key(key), p, n, t)  # type: ignore[arg-type]
 
-    def push(self, key: Union[Key, Sequence[Key]], value: ArrayOrList,
+    def push(self, key: Keys, value: ArrayOrList,
              priority: int = 0) -> None:
         """``kv_push``: contribute ``value`` to the key's next round.
 
@@ -445,7 +446,7 @@ class Store:
         priority : int
             Ready rounds run highest priority first.
         """
-        if _is_list(key):
+        if isinstance(key, (list, tuple)):
             self._per_key(lambda k, v, o, pr: self.push(k, v, pr), key, value, None, priority)
             return
         vals = _as_list(value)
@@ -466,7 +467,7 @@ class Store:
         self._call("kv_push", _key(key), p, n, t, int(priority))
         del keep
 
-    def pull(self, key: Union[Key, Sequence[Key]], out: ArrayOrList,
+    def pull(self, key: Keys, out: ArrayOrList,
              priority: int = 0) -> ArrayOrList:
         """``kv_pull``: the key's value, once this rank's earlier pushes are applied.
 
@@ -479,7 +480,7 @@ class Store:
         -------
         The ``out`` argument.
         """
-        if _is_list(key):
+        if isinstance(key, (list, tuple)):
             return self._per_key(lambda k, v, o, pr: self.pull(k, v, pr), key, out, None,
                                  priority)
         k = _key(key)
@@ -488,7 +489,7 @@ class Store:
             self._call("kv_pull", k, p, n, t, int(priority))
         return out
 
-    def pushpull(self, key: Union[Key, Sequence[Key]], value: ArrayOrList,
+    def pushpull(self, key: Keys, value: ArrayOrList,
                  out: Optional[ArrayOrList] = None, priority: int = 0) -> ArrayOrList:
         """Contribute ``value`` and receive the sum over all ranks (``kv_pushpull``).
 
@@ -508,7 +509,7 @@ class Store:
         -------
         ``out``, or ``value`` when ``out`` is None.
         """
-        if _is_list(key):
+        if isinstance(key, (list, tuple)):
             return self._per_key(self.pushpull, key, value, out, priority)
         k = _key(key)
         vals = _as_list(value)
@@ -530,7 +531,7 @@ class Store:
             self._call("kv_pushpullv", k, vp, len(vb), op, len(ob), n, t, int(priority))
         return value if out is None else out
 
-    def broadcast(self, key: Union[Key, Sequence[Key]], value: Optional[ArrayOrList],
+    def broadcast(self, key: Keys, value: Optional[ArrayOrList],
                   out: Optional[ArrayOrList] = None, priority: int = 0) -> ArrayOrList:
         """Hand rank 0's ``value`` to every rank and store it (``kv_broadcast``).
 
@@ -551,9 +552,9 @@ class Store:
         -------
         ``out``, or ``value`` when ``out`` is None.
         """
-        if _is_list(key):
+        if isinstance(key, (list, tuple)):
             if value is None:
-                value = [None] * len(key)  # type: ignore[assignment]
+                value = [None] * len(key)  # type: ignore[list-item]
             return self._per_key(self.broadcast, key, value, out, priority)
         k = _key(key)
         v = _as_list(value)[0] if value is not None else None
@@ -579,7 +580,7 @@ class Store:
                 np.copyto(o, outs[0].reshape(o.shape))
         return value if out is None else out  # type: ignore[return-value]
 
-    def pushpull_async(self, key: Union[Key, Sequence[Key]], value: ArrayOrList,
+    def pushpull_async(self, key: Keys, value: ArrayOrList,
                        out: Optional[ArrayOrList] = None, priority: int = 0) -> AsyncHandle:
         """Start a pushpull and return at once (``kv_pushpull_async``).
 
@@ -595,10 +596,10 @@ class Store:
             ``handle.wait()`` waits and returns ``out`` (or ``value``). The
             arrays stay referenced, and must not be touched, until then.
         """
-        keys = list(key) if _is_list(key) else [key]
-        vals = list(value) if _is_list(key) else [value]  # type: ignore[arg-type]
-        outs = (list(out) if _is_list(key) else [out]) if out is not None else \
-            [None] * len(keys)  # type: ignore[arg-type]
+        keys: List[Key] = list(key) if isinstance(key, (list, tuple)) else [key]
+        vals: List[Any] = list(value) if _is_list(key) else [value]  # type: ignore[arg-type]
+        outs: List[Any] = ((list(out) if _is_list(key) else [out])  # type: ignore[arg-type]
+                           if out is not None else [None] * len(keys))
         if len(vals) != len(keys) or len(outs) != len(keys):
             raise KVInvalidError(
                 f"a list of {len(keys)} keys needs as many values and outs", KV_ERR_INVALID)
@@ -696,8 +697,8 @@ class Store:
         try:
             p = lib().kv_alloc(ptr, max(nbytes, 1))
             if not p:
+                # kv_alloc returns NULL without a code: the sentence tells which
                 msg = (lib().kv_last_error(ptr) or b"").decode(errors="replace")
-                from .errors import KV_ERR_NOMEM, KVNoMemError
                 if "0 bytes" in msg or "forked" in msg:
                     raise KVInvalidError(msg, KV_ERR_INVALID)
                 raise KVNoMemError(msg or "kv_alloc failed", KV_ERR_NOMEM)

@@ -246,3 +246,27 @@ def custom_store_in_child(rank, n, sock, job):
         typ = lib.kv_type(st)
         lib.kv_close(st)
         return (a.tolist(), kv.type, typ.decode())
+
+
+def threads(rank, n, sock, job):
+    """Rank 0 blocks in a pushpull on one thread while another thread's op must
+    complete first: only works when calls release the GIL."""
+    import threading
+
+    with _open(rank, n, sock, job) as kv:
+        x, y = np.ones(1000, np.float32), np.ones(1000, np.float32)
+        kv.init("x", x)
+        kv.init("y", y)
+        if rank == 0:
+            done = []
+            t = threading.Thread(target=lambda: done.append(kv.pushpull("x", x)))
+            t.start()
+            time.sleep(0.2)  # thread t now waits in kv_pushpull for rank 1's x
+            kv.pushpull("y", y)  # rank 1 sends y before x
+            t.join(20)
+            assert done, "the pushpull on x never returned"
+        else:
+            time.sleep(0.1)
+            kv.pushpull("y", y)
+            kv.pushpull("x", x)
+        return (float(x[0]), float(y[0]))

@@ -146,8 +146,8 @@ def run_ranks(fn: Callable[..., Any], n: int, sock: str, job: str, *args: Any,
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 missing = [r for r in range(n) if r not in results]
                 if dead and all(procs[r].exitcode is not None for r in missing):
-                    raise AssertionError(
-                        f"rank(s) {missing} died: exit codes {[procs[r].exitcode for r in missing]}")
+                    codes = [procs[r].exitcode for r in missing]
+                    raise AssertionError(f"rank(s) {missing} died: exit codes {codes}")
                 continue
             if not ok:
                 raise AssertionError(f"rank {rank} failed:\n{res}")

@@ -121,7 +121,8 @@ def test_library_found_in_tree():
 
 
 def test_kvd_library_env_is_honoured(tmp_path):
-    code = "import kvd\ntry:\n    kvd.create('teststore')\nexcept OSError as e:\n    print('OSError', e)"
+    code = ("import kvd\ntry:\n    kvd.create('teststore')\n"
+            "except OSError as e:\n    print('OSError', e)")
     env = dict(os.environ, KVD_LIBRARY=str(tmp_path / "nope.so"),
                PYTHONPATH=str(ROOT / "python"))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -627,3 +628,20 @@ def test_pip_install_of_python_folder(tmp_path):
                        env=env, capture_output=True, text=True, cwd=str(tmp_path), timeout=60)
     if r.returncode != 0:
         assert "libkv.so not found" in r.stderr and "KVD_LIBRARY" in r.stderr
+
+
+def test_without_ml_dtypes_bfloat16_is_unsupported():
+    code = ("import sys; sys.modules['ml_dtypes'] = None\n"
+            "import numpy as np, kvd\n"
+            "assert kvd.bfloat16 is None\n"
+            "assert all(d.name != 'bfloat16' for d in kvd.supported_dtypes())\n"
+            "kv = kvd.create('teststore')\n"
+            "try:\n"
+            "    kv.pushpull('k', np.zeros(4, np.dtype('V2')))\n"
+            "except kvd.KVInvalidError as e:\n"
+            "    print('refused:', e)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "refused:" in r.stdout and "ml_dtypes" in r.stdout

@@ -135,3 +135,7 @@ def test_custom_store_in_a_rank(ranks):
     for r, (vals, typ, ctyp) in enumerate(res):
         assert vals == [10.0] * 4
         assert typ == ctyp == f"child{r}"
+
+
+def test_calls_release_the_gil(ranks):
+    assert ranks(_ranks.threads, 2) == [(2.0, 2.0), (2.0, 2.0)]
