@@ -277,14 +277,34 @@ static int op_kind(uint8_t op)
 
 /* ------------------------------------------------------------------ rounds */
 
+/*
+ * Part queues.  head[r], nready and stall_since are also read by the control
+ * thread for `kvctl status` (stalled rounds) without a lock, so the engine,
+ * their only writer, stores them with relaxed atomics.
+ */
+static void set_head(struct part *p, int r, struct contrib *x)
+{
+	__atomic_store_n(&p->head[r], x, __ATOMIC_RELAXED);
+}
+
+static void set_nready(struct part *p, uint32_t n)
+{
+	__atomic_store_n(&p->nready, n, __ATOMIC_RELAXED);
+}
+
+static void set_stall(struct part *p, uint64_t ns)
+{
+	__atomic_store_n(&p->stall_since, ns, __ATOMIC_RELAXED);
+}
+
 static void queue_append(struct part *p, int r, struct contrib *x)
 {
 	x->next = NULL;
 	if (p->tail[r])
 		p->tail[r]->next = x;
 	else {
-		p->head[r] = x;
-		p->nready++;
+		set_head(p, r, x);
+		set_nready(p, p->nready + 1);
 	}
 	p->tail[r] = x;
 }
@@ -293,10 +313,10 @@ static struct contrib *queue_pop(struct part *p, int r)
 {
 	struct contrib *x = p->head[r];
 
-	p->head[r] = x->next;
+	set_head(p, r, x->next);
 	if (!p->head[r]) {
 		p->tail[r] = NULL;
-		p->nready--;
+		set_nready(p, p->nready - 1);
 	}
 	x->next = NULL;
 	return x;
@@ -313,11 +333,11 @@ static void queue_remove(struct part *p, int r, struct contrib *x)
 		if (prev)
 			prev->next = x->next;
 		else
-			p->head[r] = x->next;
+			set_head(p, r, x->next);
 		if (p->tail[r] == x)
 			p->tail[r] = prev;
 		if (!p->head[r])
-			p->nready--;
+			set_nready(p, p->nready - 1);
 		x->next = NULL;
 		return;
 	}
@@ -441,7 +461,7 @@ static void round_done(struct engine *e, struct job *j, struct key *k, uint32_t 
 	__atomic_add_fetch(&j->bytes_reduced, bytes, __ATOMIC_RELAXED);
 	for (int r = 0; r < j->num_workers; r++)
 		complete(e, queue_pop(p, r), KV_OK, p->rounds_done);
-	p->stall_since = p->nready ? kvd_now() : 0;
+	set_stall(p, p->nready ? kvd_now_ns() : 0);
 	serve_pulls(e, k, part);
 	maybe_ready(e, j, k, part);
 }
@@ -789,7 +809,7 @@ static void do_round(struct engine *e, struct contrib *x)
 		return;
 	}
 	if (!p->nready)
-		p->stall_since = kvd_now();
+		set_stall(p, kvd_now_ns());
 	queue_append(p, r, x);
 	p->submitted[r]++;
 	maybe_ready(e, j, k, x->sqe.part);
@@ -1000,7 +1020,7 @@ static void job_fail_pending(struct engine *e, struct job *j, int gone_rank, int
 				p->submitted[r] = p->rounds_done + (p->busy ? 1 : 0);
 			}
 			p->queued = false;
-			p->stall_since = 0;
+			set_stall(p, 0);
 			/* pulls that wait for a round that will not come */
 			for (struct contrib **pp = &p->pulls; *pp;) {
 				struct contrib *x = *pp;

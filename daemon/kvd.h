@@ -107,17 +107,17 @@ struct part {
 	float *s0, *s1;  /* momentum, or Adam's mean and variance */
 	uint64_t opt_t;  /* updates applied (Adam's step count) */
 	uint32_t opt_fresh;
-	struct contrib **head;    /* [eng] per rank FIFO of round contributions */
+	struct contrib **head;    /* [eng; relaxed atomic stores] per rank FIFO of contributions */
 	struct contrib **tail;
 	uint64_t *submitted; /* [eng] per rank: rounds this rank has contributed to */
 	uint8_t *inited;     /* [eng] per rank: init seen */
-	uint32_t nready;     /* [eng] ranks with a non-empty queue */
+	uint32_t nready;     /* [eng, relaxed atomic] ranks with a non-empty queue */
 	bool busy;           /* [eng] a round is on a worker */
 	bool queued;         /* [eng] in the ready heap */
 	bool has_value;      /* [eng] */
 	struct contrib *pulls;        /* [eng] pulls waiting for rounds */
 	struct contrib *init_waiters; /* [eng] inits waiting for rank 0 */
-	double stall_since;           /* [eng] monotonic seconds of the oldest waiting head */
+	uint64_t stall_since;         /* [eng, relaxed atomic] ns when the open round began */
 };
 
 struct key {

@@ -134,16 +134,3 @@ bool opt_same(const struct opt_cfg *a, const struct opt_cfg *b)
 	return strcmp(a->name, b->name) == 0 && memcmp(&a->p, &b->p, sizeof(a->p)) == 0;
 }
 
-/* TEMPORARY until kernels/optim.c lands: weak stubs, overridden by it. */
-__attribute__((weak)) int optim_nstates(const struct opt_params *p)
-{
-	return p->kind == OPT_ADAM || p->kind == OPT_ADAMW ? 2 : p->kind == OPT_NAG ||
-		(p->kind == OPT_SGD && p->momentum > 0) ? 1 : 0;
-}
-
-__attribute__((weak)) int optim_update(int device, void *stream, const struct opt_params *p,
-				       uint64_t t, float *weight, const void *grad, kv_dtype gt,
-				       float *s0, float *s1, void *out, kv_dtype ot, size_t n)
-{
-	return KV_ERR_UNSUPPORTED;
-}

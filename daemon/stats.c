@@ -10,6 +10,7 @@
  * Membership (ranks and pids) is read under kvd.lock, which the engine never
  * takes.
  */
+#include <ctype.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -131,6 +132,75 @@ static void heap_stats(uint64_t *allocated, uint64_t *resident)
 #endif
 }
 
+/*
+ * Stalled rounds: a round some ranks contributed to and others not, open for
+ * at least a second.  Engine keys: the part queues (the engine stores heads,
+ * nready and the start time with relaxed atomics); direct keys: the shared
+ * block (arrivals, the round each rank arrived at, the first arrival's time).
+ * Racy by nature and harmless: a snapshot, no lock the data path takes.
+ */
+#define STALL_NS 1000000000ull
+
+struct stalled {
+	const char *key;
+	uint32_t len;
+	double secs;
+	uint8_t *missing; /* per rank */
+};
+
+static bool key_stalled(struct job *j, struct key *k, uint64_t now, struct stalled *st)
+{
+	uint32_t n = (uint32_t)j->num_workers;
+	bool any = false;
+
+	memset(st->missing, 0, n);
+	st->secs = 0;
+	if (key_direct(k)) {
+		struct kv_dkey *dk = k->dkey;
+		uint32_t arrived = __atomic_load_n(&dk->arrived, __ATOMIC_RELAXED);
+		uint32_t done = __atomic_load_n(&dk->done, __ATOMIC_RELAXED);
+		uint64_t since = __atomic_load_n(&dk->since_ns, __ATOMIC_RELAXED);
+		uint32_t *at = (uint32_t *)((uint8_t *)dk + kv_dkey_arrived_off(n));
+
+		if (arrived == 0 || arrived >= n || !since || now < since + STALL_NS)
+			return false;
+		for (uint32_t r = 0; r < n; r++)
+			st->missing[r] = __atomic_load_n(&at[r], __ATOMIC_RELAXED) != done + 1;
+		st->secs = (double)(now - since) * 1e-9;
+		any = true;
+	} else {
+		for (uint32_t pi = 0; pi < k->nparts; pi++) {
+			struct part *p = &k->parts[pi];
+			uint32_t ready = __atomic_load_n(&p->nready, __ATOMIC_RELAXED);
+			uint64_t since = __atomic_load_n(&p->stall_since, __ATOMIC_RELAXED);
+
+			if (ready == 0 || ready >= n || !since || now < since + STALL_NS)
+				continue;
+			for (uint32_t r = 0; r < n; r++)
+				if (!__atomic_load_n(&p->head[r], __ATOMIC_RELAXED))
+					st->missing[r] = 1;
+			if ((double)(now - since) * 1e-9 > st->secs)
+				st->secs = (double)(now - since) * 1e-9;
+			any = true;
+		}
+	}
+	st->key = k->name;
+	st->len = k->name_len;
+	return any;
+}
+
+static int job_stalled_count(struct job *j)
+{
+	uint8_t missing[KV_MAX_RANKS];
+	struct stalled st = { .missing = missing };
+	uint64_t now = kvd_now_ns();
+	int count = 0;
+
+	for (uint32_t i = 0, n = job_nkeys(j); i < n; i++)
+		count += key_stalled(j, job_key(j, i), now, &st);
+	return count;
+}
+
 static bool visible(const struct job *j, uid_t viewer)
 {
 	return viewer == 0 || j->uid == viewer;
@@ -163,7 +233,7 @@ static void render_json(struct kvd *d, struct sb *b, uid_t viewer)
 			  "], \"keys\": %u, \"rounds\": %llu, \"bytes_reduced\": %llu, "
 			  "\"bytes\": %llu, \"ops\": %llu, \"inflight\": %llu, "
 			  "\"peak_inflight\": %llu, "
-			  "\"latency_us\": {\"p50\": %.1f, \"p99\": %.1f}, \"stalled\": []}",
+			  "\"latency_us\": {\"p50\": %.1f, \"p99\": %.1f}, \"stalled\": [",
 			  __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE),
 			  (unsigned long long)job_rounds(j),
 			  (unsigned long long)job_bytes_reduced(j),
@@ -171,6 +241,28 @@ static void render_json(struct kvd *d, struct sb *b, uid_t viewer)
 			  (unsigned long long)ld(&j->inflight),
 			  (unsigned long long)ld(&j->peak_inflight), lat_quantile(j, 0.5),
 			  lat_quantile(j, 0.99));
+		{
+			uint8_t missing[KV_MAX_RANKS];
+			struct stalled st = { .missing = missing };
+			uint64_t now = kvd_now_ns();
+			bool f = true;
+
+			for (uint32_t i = 0, n = job_nkeys(j); i < n; i++) {
+				if (!key_stalled(j, job_key(j, i), now, &st))
+					continue;
+				sb_printf(b, "%s{\"key\": ", f ? "" : ", ");
+				sb_json_str(b, st.key, st.len);
+				sb_printf(b, ", \"waiting_for\": [");
+				for (int r = 0, g = 1; r < j->num_workers; r++)
+					if (missing[r]) {
+						sb_printf(b, "%s%d", g ? "" : ", ", r);
+						g = 0;
+					}
+				sb_printf(b, "], \"seconds\": %.1f}", st.secs);
+				f = false;
+			}
+			sb_printf(b, "]}");
+		}
 	}
 	sb_printf(b,
 		  "], \"memory\": {\"shared_bytes\": %llu, \"pinned_bytes\": 0, "
@@ -208,6 +300,24 @@ static void render_text(struct kvd *d, struct sb *b, uid_t viewer, bool jobs_onl
 			else
 				sb_printf(b, "  rank %-4d (absent)\n", r);
 		}
+		{
+			uint8_t missing[KV_MAX_RANKS];
+			struct stalled st = { .missing = missing };
+			uint64_t now = kvd_now_ns();
+
+			for (uint32_t i = 0, n = job_nkeys(j); i < n; i++) {
+				if (!key_stalled(j, job_key(j, i), now, &st))
+					continue;
+				sb_printf(b, "  !! STALLED key '");
+				for (uint32_t c = 0; c < st.len; c++)
+					sb_printf(b, "%c", isprint((unsigned char)st.key[c]) ? st.key[c] : '?');
+				sb_printf(b, "' for %.1f s, waiting for rank", st.secs);
+				for (int r = 0; r < j->num_workers; r++)
+					if (missing[r])
+						sb_printf(b, " %d", r);
+				sb_printf(b, "\n");
+			}
+		}
 	}
 }
 
@@ -242,6 +352,12 @@ static void render_metrics(struct kvd *d, struct sb *b, uid_t viewer)
 	for (struct job *j = d->jobs; j; j = j->next)
 		if (visible(j, viewer))
 			sb_printf(b, "kvd_job_ranks{job=\"%s\"} %d\n", j->name, j->present);
+	metric_head(b, "kvd_job_stalled_rounds", "gauge",
+		    "Rounds open for a second or more, waiting for some rank, per job.");
+	for (struct job *j = d->jobs; j; j = j->next)
+		if (visible(j, viewer))
+			sb_printf(b, "kvd_job_stalled_rounds{job=\"%s\"} %d\n", j->name,
+				  job_stalled_count(j));
 	metric_head(b, "kvd_job_keys", "gauge", "Keys, per job.");
 	for (struct job *j = d->jobs; j; j = j->next)
 		if (visible(j, viewer))

@@ -82,9 +82,13 @@ ALWAYS_INLINE float clip1(float x, float lo, float hi)
 	return x > hi ? hi : x;
 }
 
-/* SGD, SGD with momentum, NAG (rule a constant after inlining): element i. */
-ALWAYS_INLINE void plain_one(const struct optim_coef *c, int rule, float *restrict w,
-			     const float *restrict g, float *restrict s0, size_t i)
+/*
+ * SGD, SGD with momentum, NAG (rule a constant after inlining): element i.
+ * No restrict here: plain_body's covers the loop (a restrict parameter of a
+ * function inlined once per element makes gcc 12 give up on the loop).
+ */
+ALWAYS_INLINE void plain_one(const struct optim_coef *c, int rule, float *w, const float *g,
+			     float *s0, size_t i)
 {
 	float x = clip1(c->rescale * g[i], -c->clip, c->clip);
 	float s;

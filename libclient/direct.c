@@ -95,6 +95,7 @@ int direct_map(struct local *l, struct lkey *k, uint32_t dseg, uint64_t doff, ui
 	base = (uint8_t *)l->dsegs[dseg].base + doff;
 	k->dk = (struct kv_dkey *)base;
 	k->inited = base + kv_dkey_inited_off();
+	k->arrived_at = (uint32_t *)(base + kv_dkey_arrived_off(n));
 	k->slots = base + kv_dkey_slot_off(n, bytes, 0);
 	k->results = base + kv_dkey_result_off(n, bytes, 0);
 	k->stride = kv_dkey_stride(bytes);
@@ -505,10 +506,13 @@ int direct_op(struct local *l, uint8_t opc, struct lkey *k, struct lop *op,
 		dk->epoch = __atomic_load_n(&l->board->epoch, __ATOMIC_ACQUIRE);
 	}
 	done = __atomic_load_n(&dk->done, __ATOMIC_ACQUIRE);
-	if (dk->arrived == 0)
+	if (dk->arrived == 0) {
 		dk->kind = kind;
-	else if (dk->kind != kind)
+		__atomic_store_n(&dk->since_ns, now_ns(), __ATOMIC_RELAXED); /* for kvctl */
+	} else if (dk->kind != kind) {
 		dk->kind = KV_DK_MISMATCH;
+	}
+	__atomic_store_n(&k->arrived_at[r], done + 1, __ATOMIC_RELAXED); /* for kvctl */
 	last = ++dk->arrived == n;
 	kind = dk->kind;
 	key_unlock(dk);

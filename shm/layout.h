@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 #define KV_SHM_MAGIC 0x3a64766bu /* "kvd:" in little-endian bytes */
-#define KV_SHM_ABI 2u
+#define KV_SHM_ABI 3u
 #define KV_CACHELINE 64
 
 /* One SPSC ring's control words, each on its own cache line. */
@@ -154,7 +154,8 @@ static inline uint64_t kv_ring_seg_size(uint32_t sq_entries, uint32_t cq_entries
  * dead rank left behind (its lock, its init flag).
  *
  * A direct key's block, at an offset kvd hands out, 64-byte aligned:
- *   struct kv_dkey | inited[num_workers] (64-aligned) | slot[0..n-1] | result[0..1]
+ *   struct kv_dkey | inited[num_workers] | arrived_at[num_workers] (u32) |
+ *   slot[0..n-1] | result[0..1]           (each section 64-byte aligned)
  * each slot and result kv_dkey_stride(bytes) apart.  Both sides compute the
  * geometry from their own copy of num_workers and the key's size.
  */
@@ -199,10 +200,13 @@ struct kv_dkey {
 	uint32_t waiters;   /* threads asleep on done */
 	uint32_t has_value; /* futex word: 1 once the key holds a value */
 	uint32_t moved;     /* kvd serves the key's rounds from now on (an optimizer was set) */
-	uint8_t pad[KV_CACHELINE - 36];
+	uint32_t pad0;
+	uint64_t since_ns;  /* CLOCK_MONOTONIC of the open round's first arrival (statistics) */
+	uint8_t pad[KV_CACHELINE - 48];
 };
 _Static_assert(sizeof(struct kv_dkey) == KV_CACHELINE, "dkey size");
 _Static_assert(offsetof(struct kv_dkey, moved) == 32, "dkey moved offset");
+_Static_assert(offsetof(struct kv_dkey, since_ns) == 40, "dkey since_ns offset");
 _Static_assert(offsetof(struct kv_dkey, status) == 20, "dkey status offset");
 _Static_assert(offsetof(struct kv_dkey, has_value) == 28, "dkey has_value offset");
 
@@ -216,10 +220,16 @@ static inline uint64_t kv_dkey_inited_off(void)
 	return sizeof(struct kv_dkey);
 }
 
+/* after inited[]: arrived_at[num_workers], the round each rank last arrived at */
+static inline uint64_t kv_dkey_arrived_off(uint32_t num_workers)
+{
+	return sizeof(struct kv_dkey) + kv_dkey_stride(num_workers);
+}
+
 static inline uint64_t kv_dkey_slot_off(uint32_t num_workers, uint64_t bytes, uint32_t i)
 {
-	uint64_t inited = (num_workers + KV_CACHELINE - 1) & ~(uint64_t)(KV_CACHELINE - 1);
-	return sizeof(struct kv_dkey) + inited + (uint64_t)i * kv_dkey_stride(bytes);
+	return kv_dkey_arrived_off(num_workers) + kv_dkey_stride(4ull * num_workers) +
+	       (uint64_t)i * kv_dkey_stride(bytes);
 }
 
 /* result r (0 or 1) follows the num_workers slots */

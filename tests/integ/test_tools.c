@@ -243,3 +243,63 @@ Test(kvd, refuses_a_second_daemon_and_removes_a_stale_socket, .timeout = 30)
 	cr_assert_eq(sh("%s --bogus 2>/dev/null", kvd), 2);
 	cr_assert_eq(sh("%s --help > /dev/null", kvd), 0);
 }
+
+/* rank 0 waits in two rounds (a direct key and an engine key); rank 1 looks
+ * at kvctl status before it joins them */
+static int stalled_rank(int rank, int n, const struct kvd_proc *k, void *arg)
+{
+	const char *out = arg;
+	kv_store *kv = open_rank(20000);
+	size_t big = 400000;
+	float *a = calloc(big, sizeof(float)), *b = calloc(big, sizeof(float));
+	kv_ticket t1, t2;
+
+	CHECK(kv && a && b, "open");
+	CHECK_RC(kv_init(kv, "small", a, 100, KV_FLOAT32), KV_OK);
+	CHECK_RC(kv_init(kv, "big", b, big, KV_FLOAT32), KV_OK);
+	if (rank == 1) {
+		char cmd[1024], kvctl[512];
+		usleep(1700000);
+		bin_path("kvctl", kvctl, sizeof(kvctl));
+		snprintf(cmd, sizeof(cmd), "%s --socket %s status --json > %s 2>&1", kvctl,
+			 k->sock, out);
+		CHECK(system(cmd) == 0, "kvctl status --json");
+		snprintf(cmd, sizeof(cmd), "%s --socket %s status > %s.txt 2>&1", kvctl, k->sock,
+			 out);
+		CHECK(system(cmd) == 0, "kvctl status");
+	}
+	CHECK_RC(kv_pushpull_async(kv, "small", a, NULL, 100, KV_FLOAT32, 0, &t1), KV_OK);
+	CHECK_RC(kv_pushpull_async(kv, "big", b, NULL, big, KV_FLOAT32, 0, &t2), KV_OK);
+	CHECK_RC(kv_wait(kv, t1), KV_OK);
+	CHECK_RC(kv_wait(kv, t2), KV_OK);
+	kv_close(kv);
+	free(a);
+	free(b);
+	return 0;
+}
+
+Test(kvctl, stalled_rounds_name_the_missing_rank, .timeout = 60)
+{
+	struct kvd_proc k;
+	char why[256], out[] = "/tmp/kvctl-stall.XXXXXX", txt[64];
+	int fd = mkstemp(out);
+
+	cr_assert_geq(fd, 0);
+	close(fd);
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	int rc = run_ranks(&k, "stall", 2, stalled_rank, out, 30, why, sizeof(why));
+	kvd_stop(&k);
+	cr_assert_eq(rc, 0, "%s", why);
+	/* a real JSON parser reads it; both keys wait for rank 1 */
+	cr_assert_eq(sh("python3 -c 'import json,sys; s=json.load(open(\"%s\")); "
+			"st={x[\"key\"]: x for x in s[\"jobs\"][0][\"stalled\"]}; "
+			"assert set(st) == {\"small\", \"big\"}, st; "
+			"assert all(x[\"waiting_for\"] == [1] and x[\"seconds\"] >= 1 "
+			"for x in st.values()), st'",
+			out),
+		     0, "%s", slurp(out));
+	snprintf(txt, sizeof(txt), "%s.txt", out);
+	cr_assert_not_null(strstr(slurp(txt), "STALLED key 'big'"), "%s", slurp(txt));
+	unlink(out);
+	unlink(txt);
+}

@@ -48,8 +48,10 @@ def main() -> int:
         p.set_data(mx.nd.array(init_rng.normal(0, 0.3, size=p.shape).astype(np.float32)))
 
     opt_params = {"learning_rate": 0.1, "wd": 1e-3}
-    if args.optimizer == "sgd":
+    if args.optimizer in ("sgd", "nag"):
         opt_params["momentum"] = 0.9
+    if args.optimizer == "adam":
+        opt_params["learning_rate"] = 0.01
     kw = {}
     if args.update_on_kvstore != "none":
         kw["update_on_kvstore"] = args.update_on_kvstore == "1"

@@ -245,37 +245,50 @@ def _load(path):
         return {k: z[k] for k in z.files}
 
 
+_refs: dict = {}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "ref.npz"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MXNET_CPU_WORKER_NTHREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE.parents[1] / "python"), str(HERE)]))
+    """reference(optimizer): the weights of one plain MXNet process on the whole batches."""
     import subprocess
 
-    r = subprocess.run([sys.executable, str(HERE / "gluon_equiv.py"), "--out", str(out),
-                        "--kvstore", "none"], env=env, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return _load(out)
+    def get(optimizer="sgd"):
+        if optimizer not in _refs:
+            out = tmp_path_factory.mktemp("ref") / f"{optimizer}.npz"
+            env = dict(os.environ, OMP_NUM_THREADS="1", MXNET_CPU_WORKER_NTHREADS="1",
+                       PYTHONPATH=os.pathsep.join([str(HERE.parents[1] / "python"),
+                                                   str(HERE)]))
+            r = subprocess.run([sys.executable, str(HERE / "gluon_equiv.py"), "--out",
+                                str(out), "--kvstore", "none", "--optimizer", optimizer],
+                               env=env, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stdout + r.stderr
+            _refs[optimizer] = _load(out)
+        return _refs[optimizer]
+
+    return get
 
 
-@pytest.mark.parametrize("update_on_kvstore", ["0", "1"])
+@pytest.mark.parametrize("update_on_kvstore,optimizer",
+                         [("0", "sgd"), ("1", "sgd"), ("1", "nag"), ("1", "adam")])
 def test_gluon_two_processes_equal_one(kvd_daemon, job, tmp_path, reference,
-                                       update_on_kvstore):
+                                       update_on_kvstore, optimizer):
     if update_on_kvstore == "1" and not _store_can_optimize(kvd_daemon.sock, job):
         pytest.skip("kvd's local store reports is_capable('optimizer') = 0 (no optimizer in "
                     "the store yet), so update_on_kvstore=True cannot run; this case runs "
                     "by itself once the store reports 1")
     out = tmp_path / "w.npz"
     r = kvrun(2, [sys.executable, str(HERE / "gluon_equiv.py"), "--out", str(out),
-                  "--update-on-kvstore", update_on_kvstore], sock=kvd_daemon.sock)
+                  "--update-on-kvstore", update_on_kvstore, "--optimizer", optimizer],
+              sock=kvd_daemon.sock)
     assert r.returncode == 0, r.stdout + r.stderr
     got = _load(out)
     assert bool(got["update_on_kvstore"]) == (update_on_kvstore == "1")
-    keys = [k for k in reference if k.startswith("p")]
+    ref = reference(optimizer)
+    keys = [k for k in ref if k.startswith("p")]
     assert keys
     for k in keys:
-        np.testing.assert_allclose(got[k], reference[k], rtol=0, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=1e-5, err_msg=k)
 
 
 def test_gluon_default_update_on_kvstore_and_instance(kvd_daemon, tmp_path, reference):
@@ -287,8 +300,9 @@ def test_gluon_default_update_on_kvstore_and_instance(kvd_daemon, tmp_path, refe
     got = _load(out)
     with kvd.create("local", socket=kvd_daemon.sock, job="probe-default") as kv:
         assert bool(got["update_on_kvstore"]) == kv.is_capable("optimizer")
-    for k in (k for k in reference if k.startswith("p")):
-        np.testing.assert_allclose(got[k], reference[k], rtol=0, atol=1e-5, err_msg=k)
+    ref = reference("sgd")
+    for k in (k for k in ref if k.startswith("p")):
+        np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=1e-5, err_msg=k)
 
 
 def test_gluon_mlp_example(kvd_daemon):
