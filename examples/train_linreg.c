@@ -8,6 +8,11 @@
  * of all ranks with kv_pushpull.  Rank 0's random initial weights reach
  * every rank with kv_broadcast.  Rank 0 prints the loss of each epoch; at
  * the end every rank checks that it holds exactly rank 0's weights.
+ *
+ * With --update-on-store the optimizer runs in kvd instead: the weights are
+ * a key, kv_set_optimizer("sgd lr=...") is set once, and each epoch's
+ * kv_pushpull of the gradient returns the updated weights.  (The loss then
+ * travels as an f64 key: kvd's optimizers update f32, f16 and bf16 keys.)
  */
 #include <math.h>
 #include <stdio.h>
@@ -40,7 +45,7 @@ static int die(kv_store *kv, const char *what, int rc)
 
 int main(int argc, char **argv)
 {
-	int dim = 64, per_rank = 2000, epochs = 20;
+	int dim = 64, per_rank = 2000, epochs = 20, on_store = 0;
 	double lr = 0.1;
 	kv_store *kv;
 	int rc;
@@ -54,9 +59,12 @@ int main(int argc, char **argv)
 			epochs = atoi(argv[++i]);
 		else if (!strcmp(argv[i], "--lr") && i + 1 < argc)
 			lr = atof(argv[++i]);
+		else if (!strcmp(argv[i], "--update-on-store"))
+			on_store = 1;
 		else {
 			fprintf(stderr,
 				"Usage: train_linreg [--dim D] [--samples N] [--epochs E] [--lr LR]\n"
+				"                    [--update-on-store]\n"
 				"Run under kvrun: kvrun -n 4 train_linreg\n");
 			return strcmp(argv[i], "--help") ? 2 : 0;
 		}
@@ -101,6 +109,21 @@ int main(int argc, char **argv)
 		return die(kv, "init", rc);
 
 	double total = (double)per_rank * n, first = 0, last = 0;
+	if (on_store) {
+		char spec[128];
+		double zero = 0;
+
+		/* the weights become the store's: w -= lr * (sum of gradients) / total */
+		rc = kv_init(kv, "w", w, (size_t)dim, KV_FLOAT32);
+		if (!rc)
+			rc = kv_init(kv, "loss", &zero, 1, KV_FLOAT64);
+		if (rc)
+			return die(kv, "init", rc);
+		snprintf(spec, sizeof(spec), "sgd lr=%g rescale_grad=%.17g", lr, 1.0 / total);
+		rc = kv_set_optimizer(kv, spec);
+		if (rc)
+			return die(kv, "set_optimizer", rc);
+	}
 	for (int e = 0; e < epochs; e++) {
 		memset(grad, 0, sizeof(float) * (size_t)(dim + 1));
 		for (int i = 0; i < per_rank; i++) {
@@ -112,13 +135,24 @@ int main(int argc, char **argv)
 				grad[j] += (float)(2 * err * xi[j]);
 			grad[dim] += (float)(err * err);
 		}
-		/* the sum of every rank's gradient (and loss) */
-		rc = kv_pushpull(kv, "grad", grad, NULL, (size_t)dim + 1, KV_FLOAT32, 0);
-		if (rc)
-			return die(kv, "pushpull", rc);
-		for (int j = 0; j < dim; j++)
-			w[j] -= (float)(lr * grad[j] / total);
-		last = grad[dim] / total;
+		if (on_store) {
+			/* kvd sums the gradients and applies SGD: back come the weights */
+			double loss = grad[dim];
+			rc = kv_pushpull(kv, "w", grad, w, (size_t)dim, KV_FLOAT32, 0);
+			if (!rc)
+				rc = kv_pushpull(kv, "loss", &loss, NULL, 1, KV_FLOAT64, 0);
+			if (rc)
+				return die(kv, "pushpull", rc);
+			last = loss / total;
+		} else {
+			/* the sum of every rank's gradient (and loss) */
+			rc = kv_pushpull(kv, "grad", grad, NULL, (size_t)dim + 1, KV_FLOAT32, 0);
+			if (rc)
+				return die(kv, "pushpull", rc);
+			for (int j = 0; j < dim; j++)
+				w[j] -= (float)(lr * grad[j] / total);
+			last = grad[dim] / total;
+		}
 		if (e == 0)
 			first = last;
 		if (rank == 0)

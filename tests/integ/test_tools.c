@@ -303,3 +303,20 @@ Test(kvctl, stalled_rounds_name_the_missing_rank, .timeout = 60)
 	unlink(out);
 	unlink(txt);
 }
+
+Test(kvrun, demo_trains_with_the_optimizer_in_the_store, .timeout = 60)
+{
+	char kvrun[512], demo[512], out[] = "/tmp/kvrun-demo.XXXXXX";
+	const char *bindir = getenv("KVD_BIN_DIR");
+	int fd = mkstemp(out);
+
+	cr_assert_geq(fd, 0);
+	close(fd);
+	bin_path("kvrun", kvrun, sizeof(kvrun));
+	snprintf(demo, sizeof(demo), "%s/../examples/train_linreg", bindir ? bindir : "build/bin");
+	/* exit 0 means: the loss went down and every rank holds rank 0's weights */
+	cr_assert_eq(sh("%s -q -n 3 -- %s --update-on-store --epochs 10 > %s", kvrun, demo, out),
+		     0, "%s", slurp(out));
+	cr_assert_not_null(strstr(slurp(out), "every rank holds identical weights"));
+	unlink(out);
+}

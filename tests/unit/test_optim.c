@@ -663,8 +663,10 @@ Test(optim, mxnet_adam_first_step)
 				  KV_FLOAT32, 2),
 		     0);
 	cr_assert(fabs(w[0] - 0.9) < 1e-6 && fabs(w[1] - 1.1) < 1e-6, "%.9g %.9g", w[0], w[1]);
-	cr_assert(m[0] == 0.05f * (1 + 4.7e-7f) || fabs(m[0] - 0.05) < 1e-8, "mean %.9g", m[0]);
-	cr_assert(fabs(v[0] - 0.00025) < 1e-10, "variance %.9g", v[0]);
+	/* the f32 betas are not 0.9 and 0.999 exactly: 1 - beta2 is 0.00100004673 */
+	cr_assert(fabs(m[0] - (1 - (double)p.beta1) * 0.5) < 1e-6 * 0.05, "mean %.9g", m[0]);
+	cr_assert(fabs(v[0] - (1 - (double)p.beta2) * 0.25) < 1e-6 * 0.00025, "variance %.9g",
+		  v[0]);
 
 	p.wd = 0.1f; /* Adam: the gradient becomes 0.5 + 0.1 * 1: still a step of lr */
 	w[0] = w[1] = 1;
@@ -673,7 +675,7 @@ Test(optim, mxnet_adam_first_step)
 	cr_assert_eq(optim_update(REDUCE_CPU, NULL, &p, 1, w, g, KV_FLOAT32, m, v, NULL,
 				  KV_FLOAT32, 2),
 		     0);
-	cr_assert(fabs(w[0] - 0.9) < 1e-6 && fabs(m[0] - 0.06) < 1e-8, "%.9g %.9g", w[0], m[0]);
+	cr_assert(fabs(w[0] - 0.9) < 1e-6 && fabs(m[0] - 0.06) < 1e-7, "%.9g %.9g", w[0], m[0]);
 	/* -0.5 + 0.1 = -0.4: still a step of lr upwards */
 	cr_assert(fabs(w[1] - 1.1) < 1e-6, "%.9g", w[1]);
 
@@ -685,7 +687,7 @@ Test(optim, mxnet_adam_first_step)
 				  KV_FLOAT32, 2),
 		     0);
 	cr_assert(fabs(w[0] - 0.89) < 1e-6 && fabs(w[1] - 1.09) < 1e-6, "%.9g %.9g", w[0], w[1]);
-	cr_assert(fabs(m[0] - 0.05) < 1e-8, "AdamW's moments see no decay: %.9g", m[0]);
+	cr_assert(fabs(m[0] - 0.05) < 1e-7, "AdamW's moments see no decay: %.9g", m[0]);
 }
 
 /* lr_t follows t: at step t with zero states and a constant g, the step is
@@ -742,9 +744,10 @@ Test(optim, out_rounding_edges)
 	uint16_t h[N];
 	float f[N];
 
-	for (int lvl = REDUCE_ISA_PORTABLE; lvl <= reduce_cpu_isa_limit(REDUCE_ISA_AVX512);
-	     lvl++) {
-		reduce_cpu_isa_limit(lvl);
+	int best = reduce_cpu_isa_limit(REDUCE_ISA_AVX512);
+
+	for (int lvl = REDUCE_ISA_PORTABLE; lvl <= best; lvl++) {
+		cr_assert_eq(reduce_cpu_isa_limit(lvl), lvl);
 		/* lr = 0: w = 1 * w - 0 * 0 keeps every weight, -0, inf and NaN included */
 		memcpy(w, vals, sizeof(w));
 		cr_assert_eq(optim_update(REDUCE_CPU, NULL, &p, 1, w, g, KV_FLOAT32, NULL, NULL, f,
@@ -1076,9 +1079,13 @@ Test(optim_gpu, matches_cpu, .timeout = 300)
 		for (int gi = 0; gi < 3; gi++)
 			for (int oi = -1; oi < 3; oi++)
 				for (size_t s = 0; s < sizeof(gsizes) / sizeof(gsizes[0]); s++)
-					for (size_t off = 0; off < 2; off++)
+					for (size_t off = 0; off < 2; off++) {
+						/* the big one (many grid strides): fewer combinations */
+						if (s == 4 && (off == 0 || (oi >= 0 && oi != gi)))
+							continue;
 						gpu_case(&kinds[k], dts[gi], oi, gsizes[s],
 							 off * (1 + (size_t)gi), &adam_diff);
+					}
 	cr_log_info("optim_gpu: Adam/AdamW elements not bit-identical to the CPU: %zu",
 		    adam_diff);
 }
