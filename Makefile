@@ -11,6 +11,7 @@
 # Every folder's sources are found by wildcard: a new .c file in shm/,
 # kernels/, daemon/ or libclient/ joins its part without editing this file.
 
+SHELL := /bin/bash
 V ?= 0
 SAN ?=
 CUDA ?= auto
@@ -83,7 +84,7 @@ KERN_CU := $(if $(NVCC),$(wildcard kernels/*.cu))
 DAEMON_SRC := $(filter-out daemon/main.c,$(wildcard daemon/*.c))
 CLIENT_SRC := $(wildcard libclient/*.c)
 TEST_SRC := $(wildcard tests/unit/*.c tests/integ/*.c)
-GPU_TEST_SRC := $(wildcard tests/gpu/*.c)
+GPU_PROG_SRC := $(wildcard tests/gpu/*.c)
 
 obj = $(patsubst %.c,$(B)/obj/%.o,$(1))
 SHM_OBJ := $(call obj,$(SHM_SRC))
@@ -91,7 +92,7 @@ KERN_OBJ := $(call obj,$(KERN_SRC)) $(patsubst %.cu,$(B)/obj/%.cu.o,$(KERN_CU))
 DAEMON_OBJ := $(call obj,$(DAEMON_SRC))
 CLIENT_OBJ := $(call obj,$(CLIENT_SRC))
 TEST_OBJ := $(call obj,$(TEST_SRC))
-GPU_TEST_OBJ := $(call obj,$(GPU_TEST_SRC))
+GPU_PROG_OBJ := $(call obj,$(GPU_PROG_SRC))
 
 LIB_SO := $(B)/lib/libkv.so
 LIB_A := $(B)/lib/libkv.a
@@ -102,13 +103,14 @@ TOOL_COMMON := $(call obj,$(wildcard tools/common.c))
 BINS := $(if $(wildcard daemon/main.c),$(B)/bin/kvd) $(addprefix $(B)/bin/,$(TOOLS))
 EXAMPLES := $(patsubst examples/%.c,$(B)/examples/%,$(wildcard examples/*.c))
 TESTBIN := $(if $(filter thread,$(SAN)),,$(B)/tests/kvtest)
-GPU_TESTBIN := $(if $(GPU_TEST_SRC),$(if $(filter thread,$(SAN)),,$(B)/tests/kvtest-gpu))
+# plain programs (no test framework: they also run from the GPU bundle)
+GPU_PROGS := $(patsubst tests/gpu/%.c,$(B)/tests/%,$(GPU_PROG_SRC))
 
-ALL_OBJ := $(SHM_OBJ) $(KERN_OBJ) $(DAEMON_OBJ) $(CLIENT_OBJ) $(TEST_OBJ) $(GPU_TEST_OBJ) \
+ALL_OBJ := $(SHM_OBJ) $(KERN_OBJ) $(DAEMON_OBJ) $(CLIENT_OBJ) $(TEST_OBJ) $(GPU_PROG_OBJ) \
 	   $(TOOL_COMMON) $(call obj,$(wildcard daemon/main.c tools/*.c examples/*.c) bench/idle_rank.c)
 
-.PHONY: all deps check test demo bench bench-quick format install uninstall clean cuda-notice
-all: $(LIB_SO) $(LIB_A) $(BINS) $(EXAMPLES) $(TESTBIN) $(GPU_TESTBIN) | cuda-notice
+.PHONY: all deps check test demo bench bench-quick gpu-bundle format install uninstall clean cuda-notice
+all: $(LIB_SO) $(LIB_A) $(BINS) $(EXAMPLES) $(TESTBIN) $(GPU_PROGS) | cuda-notice
 
 cuda-notice:
 ifeq ($(NVCC),)
@@ -173,9 +175,9 @@ $(TESTBIN): $(TEST_OBJ) $(DAEMON_OBJ) $(LIB_A)
 	$(call say,LD,$@)$(CC) -o $@ $^ $(LDFLAGS) $(CRITERION_LIBS) $(URING_LIBS) \
 		$(JEMALLOC_LIBS) $(CUDA_LIBS) -lm
 
-$(B)/tests/kvtest-gpu: $(GPU_TEST_OBJ) $(LIB_A)
+$(B)/tests/gpu_%: $(B)/obj/tests/gpu/gpu_%.o $(LIB_A)
 	@mkdir -p $(@D)
-	$(call say,LD,$@)$(CC) -o $@ $^ $(LDFLAGS) $(CRITERION_LIBS) $(CUDA_LIBS) -lm
+	$(call say,LD,$@)$(CC) -o $@ $^ $(LDFLAGS) $(CUDA_LIBS) -lm
 
 # ---------------------------------------------------------------- tests
 # KVTEST_ARGS passes options to Criterion (e.g. --filter 'ring/*').
@@ -203,9 +205,9 @@ check: all
 	$(Q)echo "  engine path: the integration suites again with kvd --direct-max 0"
 	$(Q)$(TEST_ENV) KVTEST_KVD_ARGS="--direct-max 0" $(TESTBIN) --jobs 2 \
 		--filter $(ENGINE_SUITES) $(KVTEST_ARGS)
-ifneq ($(GPU_TESTBIN),)
-	$(Q)$(GPU_TESTBIN) --jobs 1
-endif
+	$(Q)$(B)/tests/gpu_check; rc=$$?; [ $$rc = 0 ] || [ $$rc = 77 ]
+	$(Q)$(B)/bin/kvrun -q -n 2 -- $(B)/tests/gpu_pushpull | sort -u; \
+		rc=$${PIPESTATUS[0]}; [ $$rc = 0 ] || [ $$rc = 77 ]
 	$(Q)$(MAKE) --no-print-directory check-python
 endif
 test: check
@@ -278,6 +280,35 @@ else
 		$(PY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/python $(PYTEST_ARGS)
 endif
 # <<< python
+
+# >>> soak (client-crash soak: tests/integ/test_soak.c; one block)
+# `make check` runs the soak with 50 kills as one of kvtest's tests; `make soak`
+# runs the same test alone with SOAK_KILLS kills (KVTEST_SOAK_KILLS) and prints
+# its figures. SOAK_SEED=0x... replays a run's random choices.
+SOAK_KILLS ?= 1000
+SOAK_SEED ?=
+.PHONY: soak
+soak: all
+	$(Q)KVD_BIN_DIR=$(abspath build/bin) KVTEST_SOAK_KILLS=$(SOAK_KILLS) \
+		$(if $(SOAK_SEED),KVTEST_SOAK_SEED=$(SOAK_SEED)) \
+		build/tests/kvtest --filter 'soak/*' $(KVTEST_ARGS)
+# <<< soak
+
+# ---------------------------------------------------------------- GPU bundle
+# Everything the GPU checks need, built here with CUDA and copied to a GPU
+# machine that has only the driver: liburing and jemalloc linked statically,
+# the CUDA runtime statically as always.  tests/gpu/run.sh runs it there.
+GPU_BUNDLE := build/gpu-bundle
+LIBDIR_DEB := /usr/lib/x86_64-linux-gnu
+gpu-bundle:
+	$(Q)$(MAKE) --no-print-directory B=$(GPU_BUNDLE) \
+		URING_LIBS=$(LIBDIR_DEB)/liburing.a \
+		JEMALLOC_LIBS="$(LIBDIR_DEB)/libjemalloc_pic.a -ldl" \
+		$(GPU_BUNDLE)/bin/kvd $(GPU_BUNDLE)/bin/kvrun $(GPU_BUNDLE)/bin/kvctl \
+		$(GPU_BUNDLE)/bin/kvbench $(GPU_BUNDLE)/tests/gpu_check \
+		$(GPU_BUNDLE)/tests/gpu_pushpull
+	$(Q)cp tests/gpu/run.sh $(GPU_BUNDLE)/run.sh
+	$(Q)echo "  bundle  $(GPU_BUNDLE): $$(du -sh $(GPU_BUNDLE)/bin $(GPU_BUNDLE)/tests | awk '{print $$1}' | paste -sd+) (run it with: $(GPU_BUNDLE)/run.sh OUTDIR)"
 
 # ---------------------------------------------------------------- misc
 FORMAT_SRC := $(wildcard include/*.h shm/*.[ch] kernels/*.[ch] kernels/*.cu daemon/*.[ch] \

@@ -110,6 +110,7 @@ int client_add_seg(struct kvd *d, struct client *c, uint64_t bytes, uint32_t *id
 		return KV_ERR_NOMEM;
 	}
 	c->segs[n] = (struct seginfo){ fd, base, size };
+	pin_segment(base, size);
 	/* publishes segs[n] to the engine; pairs with the load-acquire in resolve() */
 	__atomic_store_n(&c->nsegs, n + 1, __ATOMIC_RELEASE);
 	*id = n;
@@ -121,6 +122,7 @@ void client_free(struct kvd *d, struct client *c)
 	uint32_t n = __atomic_load_n(&c->nsegs, __ATOMIC_ACQUIRE);
 
 	for (uint32_t i = 0; i < n; i++) {
+		pin_release(c->segs[i].base);
 		seg_unmap(c->segs[i].base, c->segs[i].size);
 		close(c->segs[i].fd);
 		if (c->job)

@@ -153,6 +153,7 @@ static int job_grow(void *ctx, size_t min, struct arena_seg *s)
 		return ENOMEM;
 	}
 	(*g->segs)[*g->n] = (struct seginfo){ fd, base, size };
+	pin_segment(base, size);
 	s->id = (*g->n)++;
 	s->base = base;
 	s->size = size;
@@ -298,6 +299,7 @@ void job_free(struct kvd *d, struct job *j)
 	for (uint32_t b = 0; b < KEY_DIR && j->dir[b]; b++)
 		free(j->dir[b]);
 	for (uint32_t i = 0; i < j->nvalue_segs; i++) {
+		pin_release(j->value_segs[i].base);
 		seg_unmap(j->value_segs[i].base, j->value_segs[i].size);
 		close(j->value_segs[i].fd);
 		job_uncharge(d, j, j->value_segs[i].size);
@@ -305,6 +307,7 @@ void job_free(struct kvd *d, struct job *j)
 	free(j->value_segs);
 	arena_fini(&j->values);
 	for (uint32_t i = 0; i < j->ndirect_segs; i++) {
+		pin_release(j->direct_segs[i].base);
 		seg_unmap(j->direct_segs[i].base, j->direct_segs[i].size);
 		close(j->direct_segs[i].fd);
 		job_uncharge(d, j, j->direct_segs[i].size);

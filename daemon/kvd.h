@@ -48,6 +48,7 @@ struct kvd_config {
 	uint32_t sq_entries, cq_entries;
 	uint32_t max_segs; /* arena segments per client */
 	uint64_t direct_max; /* keys up to this many bytes get direct rounds; 0: none */
+	uint64_t pinned_limit; /* node-wide bytes kvd page-locks for GPU DMA; 0: none */
 	long allow_gid;    /* a group whose members may join others' jobs; -1: none */
 	int listen_fd;     /* from socket activation, or -1 */
 };
@@ -225,6 +226,7 @@ struct kvd {
 	uint32_t next_client_id;
 	uint32_t nclients; /* [atomic] */
 	uint64_t shared_bytes; /* [atomic] */
+	uint64_t pinned_bytes; /* [atomic] */
 	uint64_t uid_bytes_dummy;
 	struct engine *eng;
 	struct ctl *ctl;
@@ -336,6 +338,12 @@ void ctl_ckpt_done(struct kvd *d, struct ckpt_req *req);
 /* opt.c */
 int opt_parse(const char *spec, size_t len, struct opt_cfg *out, char *why, size_t whylen);
 bool opt_same(const struct opt_cfg *a, const struct opt_cfg *b);
+
+/* pin.c: page-lock segments for GPU DMA in the background (no-ops without a GPU) */
+int pin_start(struct kvd *d);
+void pin_stop_all(void);
+void pin_segment(void *base, uint64_t size);
+void pin_release(void *base); /* before the segment is unmapped */
 
 /* stats.c */
 char *stats_render(struct kvd *d, uint32_t what, uid_t viewer, size_t *len);

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "kvd.h"
+#include "../kernels/gpu.h"
 
 static const char usage[] =
 	"Usage: kvd [OPTION]...\n"
@@ -43,6 +44,8 @@ static const char usage[] =
 	"      --direct-max SIZE    keys up to SIZE get direct rounds, summed by the ranks\n"
 	"                           in shared memory without a hop through kvd\n"
 	"                           (default 1M; 0: every round goes through kvd)\n"
+	"      --pinned-limit SIZE  with a GPU: page-lock at most SIZE of shared memory\n"
+	"                           for DMA, node-wide (default: half the RAM; 0: none)\n"
 	"      --allow-group GID    members of GID may join other users' jobs\n"
 	"  -h, --help               show this help and exit\n"
 	"  -V, --version            show the version and exit\n"
@@ -63,6 +66,7 @@ enum {
 	OPT_INLINE_SIZE,
 	OPT_ALLOW_GROUP,
 	OPT_DIRECT_MAX,
+	OPT_PINNED_LIMIT,
 };
 
 static const struct option long_opts[] = {
@@ -77,6 +81,7 @@ static const struct option long_opts[] = {
 	{ "inline-size", required_argument, NULL, OPT_INLINE_SIZE },
 	{ "allow-group", required_argument, NULL, OPT_ALLOW_GROUP },
 	{ "direct-max", required_argument, NULL, OPT_DIRECT_MAX },
+	{ "pinned-limit", required_argument, NULL, OPT_PINNED_LIMIT },
 	{ "help", no_argument, NULL, 'h' },
 	{ "version", no_argument, NULL, 'V' },
 	{ NULL, 0, NULL, 0 },
@@ -170,6 +175,11 @@ static int apply(struct kvd_config *c, int opt, const char *arg, const char *nam
 		if (parse_size(arg, &v) || v > (256u << 20))
 			goto bad;
 		c->inline_bytes = (uint32_t)v;
+		return 0;
+	case OPT_PINNED_LIMIT:
+		if (parse_size(arg, &v))
+			goto bad;
+		c->pinned_limit = v;
 		return 0;
 	case OPT_DIRECT_MAX:
 		if (parse_size(arg, &v) || v > (256u << 20))
@@ -413,6 +423,10 @@ int main(int argc, char **argv)
 	c->part_bytes = 1u << 20;
 	c->inline_bytes = 64u << 10;
 	c->direct_max = 1u << 20;
+	{
+		long pages = sysconf(_SC_PHYS_PAGES), psize = sysconf(_SC_PAGESIZE);
+		c->pinned_limit = pages > 0 && psize > 0 ? (uint64_t)pages * (uint64_t)psize / 2 : 0;
+	}
 	c->sq_entries = 256;
 	c->cq_entries = 512;
 	c->max_segs = 256;
@@ -486,9 +500,14 @@ int main(int argc, char **argv)
 			unlink(c->socket_path);
 		return 1;
 	}
-	kvd_log("kvd %s listening on %s%s (%d reduce threads, parts of %u bytes)", KV_VERSION,
-		c->socket_path, activated ? " (socket-activated)" : "", c->threads, c->part_bytes);
+	d.gpus = gpu_count();
+	if (pin_start(&d))
+		kvd_log("cannot start the pinning thread: segments stay pageable");
+	kvd_log("kvd %s listening on %s%s (%d reduce threads, parts of %u bytes; %s)", KV_VERSION,
+		c->socket_path, activated ? " (socket-activated)" : "", c->threads, c->part_bytes,
+		gpu_status());
 	err = ctl_run(&d);
+	pin_stop_all();
 	if (!activated) /* an activated socket's path belongs to systemd */
 		unlink(c->socket_path);
 	close(c->listen_fd);

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "kvd.h"
+#include "../kernels/gpu.h"
 #ifdef KV_HAVE_JEMALLOC
 #include <jemalloc/jemalloc.h>
 #endif
@@ -265,10 +266,22 @@ static void render_json(struct kvd *d, struct sb *b, uid_t viewer)
 		}
 	}
 	sb_printf(b,
-		  "], \"memory\": {\"shared_bytes\": %llu, \"pinned_bytes\": 0, "
-		  "\"heap_allocated\": %llu, \"heap_resident\": %llu}, \"gpus\": []}\n",
-		  (unsigned long long)ld(&d->shared_bytes), (unsigned long long)alloc,
-		  (unsigned long long)res);
+		  "], \"memory\": {\"shared_bytes\": %llu, \"pinned_bytes\": %llu, "
+		  "\"heap_allocated\": %llu, \"heap_resident\": %llu}, \"gpus\": [",
+		  (unsigned long long)ld(&d->shared_bytes), (unsigned long long)ld(&d->pinned_bytes),
+		  (unsigned long long)alloc, (unsigned long long)res);
+	for (int g = 0; g < d->gpus; g++) {
+		char name[128];
+		size_t mem = 0;
+		if (gpu_info(g, name, sizeof(name), &mem))
+			snprintf(name, sizeof(name), "?");
+		sb_printf(b, "%s{\"index\": %d, \"name\": ", g ? ", " : "", g);
+		sb_json_str(b, name, strlen(name));
+		sb_printf(b, ", \"memory_bytes\": %zu}", mem);
+	}
+	sb_printf(b, "], \"gpu_status\": ");
+	sb_json_str(b, gpu_status(), strlen(gpu_status()));
+	sb_printf(b, "}\n");
 }
 
 static void render_text(struct kvd *d, struct sb *b, uid_t viewer, bool jobs_only)
@@ -278,9 +291,12 @@ static void render_text(struct kvd *d, struct sb *b, uid_t viewer, bool jobs_onl
 	for (struct job *j = d->jobs; j; j = j->next)
 		njobs += visible(j, viewer);
 	if (!jobs_only)
-		sb_printf(b, "kvd %s  up %.0fs  %d engine threads  %d jobs  %llu shared bytes\n",
+		sb_printf(b,
+			  "kvd %s  up %.0fs  %d engine threads  %d jobs  %llu shared bytes "
+			  "(%llu pinned)  %s\n",
 			  KV_VERSION, kvd_now() - d->start, d->cfg.threads, njobs,
-			  (unsigned long long)ld(&d->shared_bytes));
+			  (unsigned long long)ld(&d->shared_bytes),
+			  (unsigned long long)ld(&d->pinned_bytes), gpu_status());
 	sb_printf(b, "%-24s %6s %7s %6s %10s %14s %9s %9s\n", "JOB", "UID", "RANKS", "KEYS",
 		  "ROUNDS", "BYTES_REDUCED", "P50_US", "P99_US");
 	for (struct job *j = d->jobs; j; j = j->next) {
@@ -344,6 +360,8 @@ static void render_metrics(struct kvd *d, struct sb *b, uid_t viewer)
 	sb_printf(b, "kvd_uptime_seconds %.3f\n", kvd_now() - d->start);
 	metric_head(b, "kvd_shared_bytes", "gauge", "Bytes of shared memory held.");
 	sb_printf(b, "kvd_shared_bytes %llu\n", (unsigned long long)ld(&d->shared_bytes));
+	metric_head(b, "kvd_pinned_bytes", "gauge", "Bytes of shared memory page-locked for GPUs.");
+	sb_printf(b, "kvd_pinned_bytes %llu\n", (unsigned long long)ld(&d->pinned_bytes));
 	metric_head(b, "kvd_heap_allocated_bytes", "gauge", "Heap bytes allocated (jemalloc).");
 	sb_printf(b, "kvd_heap_allocated_bytes %llu\n", (unsigned long long)alloc);
 	metric_head(b, "kvd_heap_resident_bytes", "gauge", "Heap bytes resident (jemalloc).");

@@ -188,6 +188,75 @@ int gpu_sync(int device)
 	return dev_leave(device, prev, cudaDeviceSynchronize());
 }
 
+int gpu_pointer_device(const void *p)
+{
+	struct cudaPointerAttributes a;
+
+	if (!p || gpu_count() == 0)
+		return -1;
+	if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+		cudaGetLastError(); /* a plain host pointer on old runtimes: not an error of ours */
+		return -1;
+	}
+	return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged ? a.device : -1;
+}
+
+int gpu_copy_async(void *dst, const void *src, size_t bytes, void *stream)
+{
+	if (gpu_count() == 0)
+		return KV_ERR_UNSUPPORTED;
+	return gpu_error_code(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault,
+					      (cudaStream_t)stream));
+}
+
+int gpu_stream_sync(void *stream)
+{
+	if (gpu_count() == 0)
+		return KV_ERR_UNSUPPORTED;
+	return gpu_error_code(cudaStreamSynchronize((cudaStream_t)stream));
+}
+
+int gpu_copy(void *dst, const void *src, size_t bytes, void *stream)
+{
+	int rc = gpu_copy_async(dst, src, bytes, stream);
+
+	return rc ? rc : gpu_stream_sync(stream);
+}
+
+int gpu_host_register(void *p, size_t bytes)
+{
+	cudaError_t e;
+
+	if (gpu_count() == 0)
+		return KV_ERR_UNSUPPORTED;
+	e = cudaHostRegister(p, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped);
+	if (e != cudaSuccess)
+		cudaGetLastError();
+	return gpu_error_code(e);
+}
+
+void gpu_host_unregister(void *p)
+{
+	if (gpu_count() > 0 && cudaHostUnregister(p) != cudaSuccess)
+		cudaGetLastError();
+}
+
+int gpu_info(int dev, char *name, size_t len, size_t *mem_bytes)
+{
+	struct cudaDeviceProp prop;
+
+	if (dev < 0 || dev >= gpu_count())
+		return KV_ERR_INVALID;
+	if (cudaGetDeviceProperties(&prop, dev) != cudaSuccess) {
+		cudaGetLastError();
+		return KV_ERR_IO;
+	}
+	prop.name[sizeof(prop.name) - 1] = '\0';
+	snprintf(name, len, "%s", prop.name);
+	*mem_bytes = prop.totalGlobalMem;
+	return 0;
+}
+
 #else /* !KV_HAVE_CUDA */
 
 int gpu_count(void)
@@ -230,6 +299,40 @@ int gpu_memset(int device, void *dst, int byte, size_t bytes)
 }
 
 int gpu_sync(int device)
+{
+	return KV_ERR_UNSUPPORTED;
+}
+
+int gpu_pointer_device(const void *p)
+{
+	return -1;
+}
+
+int gpu_copy(void *dst, const void *src, size_t bytes, void *stream)
+{
+	return KV_ERR_UNSUPPORTED;
+}
+
+int gpu_copy_async(void *dst, const void *src, size_t bytes, void *stream)
+{
+	return KV_ERR_UNSUPPORTED;
+}
+
+int gpu_stream_sync(void *stream)
+{
+	return KV_ERR_UNSUPPORTED;
+}
+
+int gpu_host_register(void *p, size_t bytes)
+{
+	return KV_ERR_UNSUPPORTED;
+}
+
+void gpu_host_unregister(void *p)
+{
+}
+
+int gpu_info(int dev, char *name, size_t len, size_t *mem_bytes)
 {
 	return KV_ERR_UNSUPPORTED;
 }

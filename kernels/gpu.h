@@ -41,6 +41,23 @@ int gpu_sync(int device);
 /* A cudaError_t as a KV_ERR_* code (0 for cudaSuccess). */
 int gpu_error_code(int cuda_error);
 
+/*
+ * For libkv's GPU tensors and kvd's pinning.  All answer "no" / fail with
+ * KV_ERR_UNSUPPORTED quietly when there is no GPU (gpu_count() == 0).
+ */
+/* The device ordinal whose memory p is (device or managed memory), or -1 (host). */
+int gpu_pointer_device(const void *p);
+/* Copy bytes (either direction, UVA) on stream (a cudaStream_t, NULL: legacy), then wait. */
+int gpu_copy(void *dst, const void *src, size_t bytes, void *stream);
+/* The same without waiting; gpu_stream_sync() waits. */
+int gpu_copy_async(void *dst, const void *src, size_t bytes, void *stream);
+int gpu_stream_sync(void *stream);
+/* Page-lock host memory for DMA (portable, mapped); 0 or KV_ERR_*. */
+int gpu_host_register(void *p, size_t bytes);
+void gpu_host_unregister(void *p);
+/* Name and memory of device dev; 0 or KV_ERR_*. */
+int gpu_info(int dev, char *name, size_t len, size_t *mem_bytes);
+
 #ifdef __cplusplus
 }
 #endif

@@ -126,9 +126,9 @@ ALWAYS_INLINE void plain_body(const struct optim_coef *cp, int rule, float *rest
 }
 
 /* Adam, first half of a chunk: the moments, and num = lr_t * s0. */
-ALWAYS_INLINE void adam_moments(const struct optim_coef *c, bool decoupled,
-				const float *restrict w, const float *restrict g,
-				float *restrict s0, float *restrict s1, float *restrict num)
+ALWAYS_INLINE void adam_moments(const struct optim_coef *c, bool decoupled, const float *restrict w,
+				const float *restrict g, float *restrict s0, float *restrict s1,
+				float *restrict num)
 {
 	for (size_t k = 0; k < CHUNK; k++) {
 		float x = decoupled ? clip1(c->rescale * g[k], -c->clip, c->clip)
@@ -171,36 +171,36 @@ ALWAYS_INLINE void sqrt_chunk_portable(float *restrict d, const float *restrict 
  * zero-padded chunk (zeros give zeros: sqrt(0) = 0, 0 / (0 + epsilon) = 0),
  * so every element takes the same instructions.
  */
-#define ADAM_VARIANT(lvl, ATTR, SQRT)                                                            \
-	ATTR ALWAYS_INLINE void adam_chunk_##lvl(const struct optim_coef *c, bool decoupled,     \
-						 float *restrict w, const float *restrict g,     \
-						 float *restrict s0, float *restrict s1)         \
-	{                                                                                        \
-		float num[CHUNK], den[CHUNK];                                                    \
-		adam_moments(c, decoupled, w, g, s0, s1, num);                                   \
-		SQRT(den, s1);                                                                   \
-		adam_weights(c, decoupled, w, num, den);                                         \
-	}                                                                                        \
-	ATTR ALWAYS_INLINE void adam_body_##lvl(const struct optim_coef *cp, bool decoupled,     \
-						float *restrict w, const float *restrict g,      \
+#define ADAM_VARIANT(lvl, ATTR, SQRT)                                                             \
+	ATTR ALWAYS_INLINE void adam_chunk_##lvl(const struct optim_coef *c, bool decoupled,      \
+						 float *restrict w, const float *restrict g,      \
+						 float *restrict s0, float *restrict s1)          \
+	{                                                                                         \
+		float num[CHUNK], den[CHUNK];                                                     \
+		adam_moments(c, decoupled, w, g, s0, s1, num);                                    \
+		SQRT(den, s1);                                                                    \
+		adam_weights(c, decoupled, w, num, den);                                          \
+	}                                                                                         \
+	ATTR ALWAYS_INLINE void adam_body_##lvl(const struct optim_coef *cp, bool decoupled,      \
+						float *restrict w, const float *restrict g,       \
 						float *restrict s0, float *restrict s1, size_t n) \
-	{                                                                                        \
-		const struct optim_coef c = *cp;                                                 \
-		size_t i = 0;                                                                    \
-		for (; n - i >= CHUNK; i += CHUNK)                                               \
-			adam_chunk_##lvl(&c, decoupled, w + i, g + i, s0 + i, s1 + i);           \
-		if (i < n) {                                                                     \
+	{                                                                                         \
+		const struct optim_coef c = *cp;                                                  \
+		size_t i = 0;                                                                     \
+		for (; n - i >= CHUNK; i += CHUNK)                                                \
+			adam_chunk_##lvl(&c, decoupled, w + i, g + i, s0 + i, s1 + i);            \
+		if (i < n) {                                                                      \
 			float tw[CHUNK] = {0}, tg[CHUNK] = {0}, t0[CHUNK] = {0}, t1[CHUNK] = {0}; \
-			size_t m = (n - i) * sizeof(float);                                      \
-			memcpy(tw, w + i, m);                                                    \
-			memcpy(tg, g + i, m);                                                    \
-			memcpy(t0, s0 + i, m);                                                   \
-			memcpy(t1, s1 + i, m);                                                   \
-			adam_chunk_##lvl(&c, decoupled, tw, tg, t0, t1);                         \
-			memcpy(w + i, tw, m);                                                    \
-			memcpy(s0 + i, t0, m);                                                   \
-			memcpy(s1 + i, t1, m);                                                   \
-		}                                                                                \
+			size_t m = (n - i) * sizeof(float);                                       \
+			memcpy(tw, w + i, m);                                                     \
+			memcpy(tg, g + i, m);                                                     \
+			memcpy(t0, s0 + i, m);                                                    \
+			memcpy(t1, s1 + i, m);                                                    \
+			adam_chunk_##lvl(&c, decoupled, tw, tg, t0, t1);                          \
+			memcpy(w + i, tw, m);                                                     \
+			memcpy(s0 + i, t0, m);                                                    \
+			memcpy(s1 + i, t1, m);                                                    \
+		}                                                                                 \
 	}
 
 /* ------------------------------------------------------------ variants */
@@ -208,31 +208,31 @@ ALWAYS_INLINE void sqrt_chunk_portable(float *restrict d, const float *restrict 
 typedef void (*update_fn)(const struct optim_coef *c, float *w, const float *g, float *s0,
 			  float *s1, size_t n);
 
-#define UPDATE_WRAPPERS(lvl, ATTR)                                                             \
-	ATTR static void sgd_##lvl(const struct optim_coef *c, float *w, const float *g,       \
-				   float *s0, float *s1, size_t n)                             \
-	{                                                                                      \
-		plain_body(c, RULE_SGD, w, g, s0, n);                                          \
-	}                                                                                      \
-	ATTR static void sgd_mom_##lvl(const struct optim_coef *c, float *w, const float *g,   \
-				       float *s0, float *s1, size_t n)                         \
-	{                                                                                      \
-		plain_body(c, RULE_SGD_MOM, w, g, s0, n);                                      \
-	}                                                                                      \
-	ATTR static void nag_##lvl(const struct optim_coef *c, float *w, const float *g,       \
-				   float *s0, float *s1, size_t n)                             \
-	{                                                                                      \
-		plain_body(c, RULE_NAG, w, g, s0, n);                                          \
-	}                                                                                      \
-	ATTR static void adam_##lvl(const struct optim_coef *c, float *w, const float *g,      \
-				    float *s0, float *s1, size_t n)                            \
-	{                                                                                      \
-		adam_body_##lvl(c, false, w, g, s0, s1, n);                                    \
-	}                                                                                      \
-	ATTR static void adamw_##lvl(const struct optim_coef *c, float *w, const float *g,     \
-				     float *s0, float *s1, size_t n)                           \
-	{                                                                                      \
-		adam_body_##lvl(c, true, w, g, s0, s1, n);                                     \
+#define UPDATE_WRAPPERS(lvl, ATTR)                                                           \
+	ATTR static void sgd_##lvl(const struct optim_coef *c, float *w, const float *g,     \
+				   float *s0, float *s1, size_t n)                           \
+	{                                                                                    \
+		plain_body(c, RULE_SGD, w, g, s0, n);                                        \
+	}                                                                                    \
+	ATTR static void sgd_mom_##lvl(const struct optim_coef *c, float *w, const float *g, \
+				       float *s0, float *s1, size_t n)                       \
+	{                                                                                    \
+		plain_body(c, RULE_SGD_MOM, w, g, s0, n);                                    \
+	}                                                                                    \
+	ATTR static void nag_##lvl(const struct optim_coef *c, float *w, const float *g,     \
+				   float *s0, float *s1, size_t n)                           \
+	{                                                                                    \
+		plain_body(c, RULE_NAG, w, g, s0, n);                                        \
+	}                                                                                    \
+	ATTR static void adam_##lvl(const struct optim_coef *c, float *w, const float *g,    \
+				    float *s0, float *s1, size_t n)                          \
+	{                                                                                    \
+		adam_body_##lvl(c, false, w, g, s0, s1, n);                                  \
+	}                                                                                    \
+	ATTR static void adamw_##lvl(const struct optim_coef *c, float *w, const float *g,   \
+				     float *s0, float *s1, size_t n)                         \
+	{                                                                                    \
+		adam_body_##lvl(c, true, w, g, s0, s1, n);                                   \
 	}
 
 ADAM_VARIANT(portable, , sqrt_chunk_portable)
@@ -260,10 +260,10 @@ UPDATE_WRAPPERS(avx2, TARGET_AVX2)
 UPDATE_WRAPPERS(avx512, TARGET_AVX512)
 #endif
 
-#define UPDATE_TABLE(lvl)                                                                 \
-	{                                                                                 \
+#define UPDATE_TABLE(lvl)                                                                       \
+	{                                                                                       \
 		[RULE_SGD] = sgd_##lvl, [RULE_SGD_MOM] = sgd_mom_##lvl, [RULE_NAG] = nag_##lvl, \
-		[RULE_ADAM] = adam_##lvl, [RULE_ADAMW] = adamw_##lvl,                     \
+		[RULE_ADAM] = adam_##lvl, [RULE_ADAMW] = adamw_##lvl,                           \
 	}
 
 static const update_fn update_kernels[][RULE_COUNT] = {
@@ -408,9 +408,9 @@ static void coef_init(struct optim_coef *c, const struct opt_params *p, int nsta
 	}
 }
 
-int optim_update(int device, void *stream, const struct opt_params *p, uint64_t t,
-		 float *weight, const void *grad, kv_dtype gt, float *s0, float *s1, void *out,
-		 kv_dtype ot, size_t n)
+int optim_update(int device, void *stream, const struct opt_params *p, uint64_t t, float *weight,
+		 const void *grad, kv_dtype gt, float *s0, float *s1, void *out, kv_dtype ot,
+		 size_t n)
 {
 	int nstates = optim_nstates(p);
 	size_t ges = elem_size(gt), oes = out ? elem_size(ot) : 4;
@@ -440,7 +440,8 @@ int optim_update(int device, void *stream, const struct opt_params *p, uint64_t 
 		/* no two arrays may share a byte: each is read and written element by element */
 		for (int a = 0; a < ns; a++)
 			for (int b = a + 1; b < ns; b++)
-				if (sp[a].at < sp[b].at + sp[b].bytes && sp[b].at < sp[a].at + sp[a].bytes)
+				if (sp[a].at < sp[b].at + sp[b].bytes &&
+				    sp[b].at < sp[a].at + sp[a].bytes)
 					return KV_ERR_INVALID;
 	}
 	coef_init(&c, p, nstates, t);

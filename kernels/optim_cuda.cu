@@ -107,7 +107,8 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
 		} else if constexpr (RULE == RULE_SGD_MOM) {
 			const float x = __fadd_rn(clip1(__fmul_rn(c.rescale, g), lo, hi),
 						  __fmul_rn(c.wd, w0));
-			const float s = __fsub_rn(__fmul_rn(c.momentum, a.s0[i]), __fmul_rn(c.lr, x));
+			const float s =
+				__fsub_rn(__fmul_rn(c.momentum, a.s0[i]), __fmul_rn(c.lr, x));
 			a.s0[i] = s;
 			w = __fadd_rn(w0, s);
 		} else if constexpr (RULE == RULE_NAG) {
@@ -119,17 +120,18 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
 		} else { /* RULE_ADAM, RULE_ADAMW */
 			float x;
 			if constexpr (RULE == RULE_ADAM)
-				x = clip1(__fadd_rn(__fmul_rn(c.rescale, g), __fmul_rn(c.wd, w0)), lo,
-					  hi);
+				x = clip1(__fadd_rn(__fmul_rn(c.rescale, g), __fmul_rn(c.wd, w0)),
+					  lo, hi);
 			else
 				x = clip1(__fmul_rn(c.rescale, g), lo, hi);
-			const float m = __fadd_rn(__fmul_rn(c.beta1, a.s0[i]), __fmul_rn(c.one_m_beta1, x));
+			const float m =
+				__fadd_rn(__fmul_rn(c.beta1, a.s0[i]), __fmul_rn(c.one_m_beta1, x));
 			const float v = __fadd_rn(__fmul_rn(c.beta2, a.s1[i]),
 						  __fmul_rn(__fmul_rn(c.one_m_beta2, x), x));
 			a.s0[i] = m;
 			a.s1[i] = v;
-			const float d =
-				__fdiv_rn(__fmul_rn(c.lr_t, m), __fadd_rn(__fsqrt_rn(v), c.epsilon));
+			const float d = __fdiv_rn(__fmul_rn(c.lr_t, m),
+						  __fadd_rn(__fsqrt_rn(v), c.epsilon));
 			w = __fsub_rn(w0, d);
 			if constexpr (RULE == RULE_ADAMW)
 				w = __fsub_rn(w, __fmul_rn(c.lr_wd, w0));
@@ -140,7 +142,8 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
 			static_cast<float *>(a.out)[i] = w;
 			break;
 		case KV_FLOAT16:
-			static_cast<unsigned short *>(a.out)[i] = __half_as_ushort(__float2half_rn(w));
+			static_cast<unsigned short *>(a.out)[i] =
+				__half_as_ushort(__float2half_rn(w));
 			break;
 		case KV_BFLOAT16:
 			static_cast<unsigned short *>(a.out)[i] = bf16_narrow(w);
@@ -167,8 +170,8 @@ int sm_count(int device)
 	return sms;
 }
 
-template <int RULE> cudaError_t launch_rule(const opt_args &a, kv_dtype gt, unsigned blocks,
-					    cudaStream_t st)
+template <int RULE>
+cudaError_t launch_rule(const opt_args &a, kv_dtype gt, unsigned blocks, cudaStream_t st)
 {
 	switch (gt) {
 	case KV_FLOAT32:

@@ -22,11 +22,11 @@ extern "C" {
 enum optim_rule { RULE_SGD, RULE_SGD_MOM, RULE_NAG, RULE_ADAM, RULE_ADAMW, RULE_COUNT };
 
 struct optim_coef {
-	int rule;	  /* enum optim_rule */
-	float lr, wd;	  /* as given */
-	float rescale;	  /* rescale_grad */
-	float clip;	  /* clip_gradient; +inf when off (clipping to +-inf is the identity) */
-	float momentum;	  /* SGD with momentum, NAG */
+	int rule;	/* enum optim_rule */
+	float lr, wd;	/* as given */
+	float rescale;	/* rescale_grad */
+	float clip;	/* clip_gradient; +inf when off (clipping to +-inf is the identity) */
+	float momentum; /* SGD with momentum, NAG */
 	float beta1, beta2, epsilon;
 	float one_m_beta1; /* 1 - beta1, in f32 */
 	float one_m_beta2; /* 1 - beta2, in f32 */

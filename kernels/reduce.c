@@ -782,28 +782,27 @@ static void widen_bf16_portable(float *o, const uint16_t *x, size_t n)
 }
 
 #if REDUCE_X86
-#define WIDEN_SIMD(lvl, ATTR, W, LD, STF)                                            \
-	ATTR ALWAYS_INLINE void widen_h_##lvl(float *o, const uint16_t *x, size_t n, \
-					      bool bf)                               \
-	{                                                                            \
-		size_t i = 0;                                                        \
-		for (; n - i >= W; i += W)                                           \
-			STF(o + i, LD(x + i, bf));                                   \
-		if (i < n) {                                                         \
-			uint16_t tx[W] = {0};                                        \
-			float to[W];                                                 \
-			memcpy(tx, x + i, (n - i) * 2);                              \
-			STF(to, LD(tx, bf));                                         \
-			memcpy(o + i, to, (n - i) * 4);                              \
-		}                                                                    \
-	}                                                                            \
-	ATTR static void widen_f16_##lvl(float *o, const uint16_t *x, size_t n)      \
-	{                                                                            \
-		widen_h_##lvl(o, x, n, false);                                       \
-	}                                                                            \
-	ATTR static void widen_bf16_##lvl(float *o, const uint16_t *x, size_t n)     \
-	{                                                                            \
-		widen_h_##lvl(o, x, n, true);                                        \
+#define WIDEN_SIMD(lvl, ATTR, W, LD, STF)                                                     \
+	ATTR ALWAYS_INLINE void widen_h_##lvl(float *o, const uint16_t *x, size_t n, bool bf) \
+	{                                                                                     \
+		size_t i = 0;                                                                 \
+		for (; n - i >= W; i += W)                                                    \
+			STF(o + i, LD(x + i, bf));                                            \
+		if (i < n) {                                                                  \
+			uint16_t tx[W] = {0};                                                 \
+			float to[W];                                                          \
+			memcpy(tx, x + i, (n - i) * 2);                                       \
+			STF(to, LD(tx, bf));                                                  \
+			memcpy(o + i, to, (n - i) * 4);                                       \
+		}                                                                             \
+	}                                                                                     \
+	ATTR static void widen_f16_##lvl(float *o, const uint16_t *x, size_t n)               \
+	{                                                                                     \
+		widen_h_##lvl(o, x, n, false);                                                \
+	}                                                                                     \
+	ATTR static void widen_bf16_##lvl(float *o, const uint16_t *x, size_t n)              \
+	{                                                                                     \
+		widen_h_##lvl(o, x, n, true);                                                 \
 	}
 
 WIDEN_SIMD(avx2, TARGET_AVX2, 8, ld8, _mm256_storeu_ps)
@@ -832,6 +831,6 @@ void reduce_from_f32(void *dst, kv_dtype t, const float *src, size_t n)
 	if (t == KV_FLOAT32)
 		memcpy(dst, src, n * sizeof(float));
 	else
-		cpu_kernels[reduce_cpu_isa()].narrow[t == KV_BFLOAT16 ? HALF_BF16 : HALF_F16](dst,
-											     src, n);
+		cpu_kernels[reduce_cpu_isa()].narrow[t == KV_BFLOAT16 ? HALF_BF16 : HALF_F16](
+			dst, src, n);
 }

@@ -39,6 +39,7 @@ void *local_alloc(struct local *l, size_t bytes, char *err);
 int local_free(struct local *l, void *p);
 /* collective: returns once every rank set the same spec */
 int local_set_optimizer(struct local *l, const char *spec, char *err);
+int local_set_stream(struct local *l, void *stream);
 int local_save(struct local *l, const char *path, int dump, char *err);
 int local_load(struct local *l, const char *path, char *err);
 int local_request_text(struct local *l, uint16_t type, uint32_t flags, const char *text,

@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #include "local_int.h"
+#include "../kernels/gpu.h"
 #include "../kernels/reduce.h"
 #include "../shm/futex.h"
 #include "../shm/seg.h"
@@ -85,6 +86,8 @@ int direct_map(struct local *l, struct lkey *k, uint32_t dseg, uint64_t doff, ui
 			return fail(err, KV_ERR_PROTO, "cannot map a direct segment: %s",
 				    strerror(-rc));
 		}
+		if (l->gpu)
+			gpu_host_register(p, dsize); /* GPU tensors copy straight into slots */
 		l->dsegs[dseg] = (struct lseg){ fd, p, dsize };
 	} else {
 		if (fd >= 0)
@@ -115,6 +118,8 @@ bool direct_moved(struct lkey *k)
 void direct_unmap(struct local *l)
 {
 	for (uint32_t i = 0; i < l->ndsegs; i++) {
+		if (l->dsegs[i].base && l->gpu)
+			gpu_host_unregister(l->dsegs[i].base);
 		if (l->dsegs[i].base)
 			seg_unmap(l->dsegs[i].base, l->dsegs[i].size);
 		if (l->dsegs[i].fd >= 0)
@@ -354,8 +359,9 @@ int direct_finish(struct local *l, struct lop *op, char *err)
 			fail(err, rc, "the ranks ran different ops on key '%s' in one round",
 			     k->name);
 		else if (rc == KV_OK)
-			for (int i = 0; i < op->nout; i++)
-				memcpy(op->outs[i], result(k, op->target), k->count * op->esize);
+			for (int i = 0; i < op->nout && rc == KV_OK; i++)
+				rc = buf_copy(l, op->outs[i], result(k, op->target),
+					      k->count * op->esize, is_dev(l, op->outs[i]));
 	}
 	op->arrived = false;
 	op->status = rc;
@@ -411,7 +417,13 @@ static int init_op(struct local *l, struct lkey *k, const void *value, int64_t d
 	}
 	if (r == 0) {
 		uint32_t done = __atomic_load_n(&dk->done, __ATOMIC_ACQUIRE);
-		memcpy(result(k, done), value, k->count * kv_dtype_size(k->dtype));
+		rc = buf_copy(l, result(k, done), value, k->count * kv_dtype_size(k->dtype),
+			      is_dev(l, value));
+		if (rc) {
+			k->inited[r] = 0;
+			key_unlock(dk);
+			return fail(err, rc, "cannot read the init value (GPU copy failed?)");
+		}
 		__atomic_store_n(&dk->has_value, 1, __ATOMIC_SEQ_CST);
 		key_unlock(dk);
 		futex_wake(&dk->has_value, INT32_MAX);
@@ -473,19 +485,42 @@ int direct_op(struct local *l, uint8_t opc, struct lkey *k, struct lop *op,
 			return fail(err, KV_ERR_NOKEY, "key '%s' holds no value yet", k->name);
 		/* no round can complete without this rank: the value is stable */
 		done = __atomic_load_n(&dk->done, __ATOMIC_ACQUIRE);
-		for (int i = 0; i < op->nout; i++)
-			memcpy(op->outs[i], result(k, done), bytes);
+		for (int i = 0; i < op->nout; i++) {
+			rc = buf_copy(l, op->outs[i], result(k, done), bytes, is_dev(l, op->outs[i]));
+			if (rc)
+				return fail(err, rc, "cannot write the result (GPU copy failed?)");
+		}
 		return KV_OK;
 	}
 
 	kind = opc == KV_OP_BCAST ? KV_DK_BCAST : KV_DK_SUM;
 	if (kind == KV_DK_SUM || r == 0) {
+		bool dev = false;
+		for (int i = 0; i < nsrc; i++)
+			dev |= is_dev(l, srcs[i]);
 		if (nsrc == 1) {
-			memcpy(slot(k, r), srcs[0], bytes);
-		} else {
+			rc = buf_copy(l, slot(k, r), srcs[0], bytes, dev);
+		} else if (!dev) {
 			void *dst = slot(k, r);
-			reduce_sum(REDUCE_CPU, NULL, k->dtype, &dst, 1, srcs, nsrc, k->count);
+			rc = reduce_sum(REDUCE_CPU, NULL, k->dtype, &dst, 1, srcs, nsrc, k->count);
+		} else {
+			/* several buffers, some on GPUs: each to the slot's neighbour, sum */
+			uint8_t *tmp = malloc(bytes * (size_t)nsrc);
+			const void *ps[REDUCE_MAX_INPUTS];
+			void *dst = slot(k, r);
+			rc = tmp ? 0 : KV_ERR_NOMEM;
+			for (int i = 0; i < nsrc && !rc; i++) {
+				rc = buf_copy(l, tmp + (size_t)i * bytes, srcs[i], bytes,
+					      is_dev(l, srcs[i]));
+				ps[i] = tmp + (size_t)i * bytes;
+			}
+			if (!rc)
+				rc = reduce_sum(REDUCE_CPU, NULL, k->dtype, &dst, 1, ps, nsrc,
+						k->count);
+			free(tmp);
 		}
+		if (rc)
+			return fail(err, rc, "cannot read the op's input (GPU copy failed?)");
 	}
 	rc = board_ok(l, deadline, err);
 	if (rc)

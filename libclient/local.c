@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "local_int.h"
+#include "../kernels/gpu.h"
 #include "../kernels/reduce.h"
 #include "../shm/arena.h"
 #include "../shm/futex.h"
@@ -219,6 +220,30 @@ int local_request_text(struct local *l, uint16_t type, uint32_t flags, const cha
 	return rc;
 }
 
+/* ------------------------------------------------------------------ GPU tensors */
+
+bool is_dev(struct local *l, const void *p)
+{
+	return l->gpu && gpu_pointer_device(p) >= 0;
+}
+
+int buf_copy(struct local *l, void *dst, const void *src, size_t n, bool dev)
+{
+	if (!dev) {
+		memmove(dst, src, n);
+		return 0;
+	}
+	return gpu_copy(dst, src, n, l->stream);
+}
+
+int local_set_stream(struct local *l, void *stream)
+{
+	pthread_mutex_lock(&l->lock);
+	l->stream = stream;
+	pthread_mutex_unlock(&l->lock);
+	return KV_OK;
+}
+
 /* ------------------------------------------------------------------ arena */
 
 static int arena_grow(void *ctx, size_t min, struct arena_seg *s)
@@ -251,6 +276,8 @@ static int arena_grow(void *ctx, size_t min, struct arena_seg *s)
 		fail(l->errbuf, KV_ERR_NOMEM, "cannot map a segment from kvd: %s", strerror(-rc));
 		return ENOMEM;
 	}
+	if (l->gpu)
+		gpu_host_register(base, r.u.seg.size); /* DMA straight into staging; best effort */
 	l->segs[l->nsegs++] = (struct lseg){ fd, base, r.u.seg.size };
 	s->id = r.u.seg.seg_id;
 	s->base = base;
@@ -472,6 +499,8 @@ uint64_t op_ud(struct local *l, struct lop *op)
 static void op_finish(struct local *l, struct lop *op)
 {
 	op->done = true;
+	if (op->dev_out && gpu_stream_sync(l->stream) && !op->status)
+		op->status = KV_ERR_IO; /* the copies to the GPU failed */
 	if (op->stage) {
 		arena_free(&l->arena, op->stage);
 		op->stage = NULL;
@@ -480,14 +509,19 @@ static void op_finish(struct local *l, struct lop *op)
 		op_release(l, op);
 }
 
-static void copy_out(struct lop *op, uint32_t part)
+static void copy_out(struct local *l, struct lop *op, uint32_t part)
 {
 	size_t off = (size_t)part * op->part_elems * op->esize;
 	uint64_t left = op->count - (uint64_t)part * op->part_elems;
 	size_t len = (size_t)(left < op->part_elems ? left : op->part_elems) * op->esize;
 
-	for (int i = 0; i < op->nout; i++)
-		memcpy(op->outs[i] + off, op->out_base + off, len);
+	for (int i = 0; i < op->nout; i++) {
+		if (op->dev_out && is_dev(l, op->outs[i]))
+			/* to the GPU on the store's stream; waited for before the op ends */
+			gpu_copy_async(op->outs[i] + off, op->out_base + off, len, l->stream);
+		else
+			memcpy(op->outs[i] + off, op->out_base + off, len);
+	}
 }
 
 /* Reap every completion; returns how many, or a KV_ERR_* when the ring is corrupt. */
@@ -508,7 +542,7 @@ static int reap(struct local *l)
 		if (q.status && !op->status)
 			op->status = q.status;
 		if (!q.status && op->nout && !op->abandoned)
-			copy_out(op, q.part);
+			copy_out(l, op, q.part);
 		if (op->completed == op->nparts)
 			op_finish(l, op);
 	}
@@ -654,6 +688,28 @@ static bool locate(struct local *l, const void *p, size_t bytes, struct kv_loc *
 	return true;
 }
 
+/* dst = the sum of part [off, off + elems) of nsrc buffers, some on GPUs. */
+static int sum_from_devices(struct local *l, kv_dtype t, void *dst, const void *const *srcs,
+			    int nsrc, size_t off, size_t elems)
+{
+	size_t len = elems * kv_dtype_size(t);
+	const void *ps[REDUCE_MAX_INPUTS];
+	uint8_t *tmp = malloc(len * (size_t)nsrc);
+	int rc = 0;
+
+	if (!tmp)
+		return KV_ERR_NOMEM;
+	for (int i = 0; i < nsrc && !rc; i++) {
+		rc = buf_copy(l, tmp + (size_t)i * len, (const uint8_t *)srcs[i] + off, len,
+			      is_dev(l, srcs[i]));
+		ps[i] = tmp + (size_t)i * len;
+	}
+	if (!rc)
+		rc = reduce_sum(REDUCE_CPU, NULL, t, &dst, 1, ps, nsrc, elems);
+	free(tmp);
+	return rc;
+}
+
 int local_op(struct local *l, uint8_t opc, const char *key, const void *const *srcs, int nsrc,
 	     void *const *outs, int nout, size_t count, kv_dtype t, int priority,
 	     kv_ticket *ticket, char *err)
@@ -724,10 +780,17 @@ int local_op(struct local *l, uint8_t opc, const char *key, const void *const *s
 		goto out_unlock;
 	}
 
+	/* GPU tensors: staged through this store's (pinned) segments */
+	bool dev_in = false;
+	for (int i = 0; need_in && l->gpu && i < nsrc; i++)
+		dev_in |= is_dev(l, srcs[i]);
+	for (int i = 0; need_out && l->gpu && i < nout; i++)
+		op->dev_out |= is_dev(l, outs[i]);
+
 	/* where the input comes from and the result goes: the caller's own
 	 * shared buffers when it made them with kv_alloc, else a staging block */
-	zc_in = need_in && nsrc == 1 && locate(l, srcs[0], bytes, &in_loc);
-	zc_out = need_out && locate(l, outs[0], bytes, &out_loc);
+	zc_in = need_in && nsrc == 1 && !dev_in && locate(l, srcs[0], bytes, &in_loc);
+	zc_out = need_out && !op->dev_out && locate(l, outs[0], bytes, &out_loc);
 	if (zc_in)
 		in_base = (uint8_t *)srcs[0];
 	if (zc_out)
@@ -789,7 +852,19 @@ int local_op(struct local *l, uint8_t opc, const char *key, const void *const *s
 
 		if (need_in && in_base != srcs[0]) {
 			if (nsrc == 1) {
-				memmove(in_base + off, (const uint8_t *)srcs[0] + off, elems * esize);
+				rc = buf_copy(l, in_base + off, (const uint8_t *)srcs[0] + off,
+					      elems * esize, dev_in);
+				if (rc) {
+					fail(err, rc, "copy from the GPU failed");
+					goto out_part;
+				}
+			} else if (dev_in) {
+				/* several GPU buffers: bring each part over, sum on the host */
+				rc = sum_from_devices(l, t, in_base + off, srcs, nsrc, off, elems);
+				if (rc) {
+					fail(err, rc, "copy from the GPU failed");
+					goto out_part;
+				}
 			} else {
 				const void *ps[REDUCE_MAX_INPUTS];
 				void *dst = in_base + off;
@@ -806,6 +881,7 @@ int local_op(struct local *l, uint8_t opc, const char *key, const void *const *s
 			s.out.seg = KV_SEG_NONE, s.out.off = 0;
 		rc = submit(l, &s, err);
 		if (rc) {
+out_part:
 			/* parts already submitted will come back; the op is given up */
 			op->nparts = p;
 			op->abandoned = true;
@@ -985,6 +1061,7 @@ int local_create(const struct kv_resolved *o, struct local **out, char *err)
 		goto out_close;
 	}
 	arena_init(&l->arena, arena_grow, l);
+	l->gpu = gpu_count() > 0;
 	*out = l;
 	return KV_OK;
 
@@ -1013,6 +1090,8 @@ void local_destroy(struct local *l)
 		seg_unmap(l->board, KV_BOARD_SIZE);
 	direct_unmap(l);
 	for (uint32_t i = 0; i < l->nsegs; i++) {
+		if (l->gpu)
+			gpu_host_unregister(l->segs[i].base);
 		seg_unmap(l->segs[i].base, l->segs[i].size);
 		close(l->segs[i].fd);
 	}

@@ -54,6 +54,7 @@ struct lop {
 	int nout;
 	uint32_t next_free;
 	uint32_t slot;      /* its index: user_data's low half */
+	bool dev_out;       /* some out is device memory: copy-outs run on the store's stream */
 	struct lkey *key;   /* direct ops: the key, and the round to wait for */
 	uint32_t target;
 	bool arrived;       /* direct: arrived, not finished yet */
@@ -84,6 +85,8 @@ struct local {
 	struct lop **opblk; /* blocks of OP_BLOCK ops; an op never moves */
 	uint32_t nops, free_op;
 	uint32_t seq;
+	void *stream;   /* cudaStream_t for GPU tensors (kv_set_stream); NULL: legacy */
+	bool gpu;       /* a GPU is usable: segments are pinned, device pointers work */
 	bool dead;
 	int dead_code;
 	char dead_why[256];
@@ -91,6 +94,10 @@ struct local {
 };
 
 #define NO_OP UINT32_MAX
+
+/* Copy n bytes; dev: dst or src is device memory (then on the store's stream, waited). */
+int buf_copy(struct local *l, void *dst, const void *src, size_t n, bool dev);
+bool is_dev(struct local *l, const void *p);
 
 int fail(char *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int64_t now_ms(void);

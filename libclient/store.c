@@ -665,7 +665,10 @@ int kv_set_stream(kv_store *kv, void *cuda_stream)
 		return rc;
 	if (gpu_count() == 0)
 		return set_err(kv, KV_ERR_UNSUPPORTED, "kv_set_stream: %s", gpu_status());
-	return set_err(kv, KV_ERR_UNSUPPORTED, "kv_set_stream: device memory is not supported yet");
+	if (kv->kind == B_LOCAL)
+		return local_set_stream(kv->local, cuda_stream);
+	return set_err(kv, KV_ERR_UNSUPPORTED, "kv_set_stream: store '%s' takes no stream",
+		       kv->type);
 }
 
 /* ------------------------------------------------------------------ optimizer */
@@ -702,7 +705,8 @@ int kv_is_capable(const kv_store *kv, const char *capability)
 		return KV_ERR_INVALID;
 	if (kv->kind == B_LOCAL)
 		return !strcmp(capability, "async") || !strcmp(capability, "priority") ||
-		       !strcmp(capability, "zero_copy") || !strcmp(capability, "optimizer");
+		       !strcmp(capability, "zero_copy") || !strcmp(capability, "optimizer") ||
+		       (!strcmp(capability, "device") && gpu_count() > 0);
 	if (!kv->b.is_capable)
 		return 0;
 	return kv->b.is_capable(kv->state, capability) > 0;

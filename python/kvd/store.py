@@ -137,7 +137,9 @@ class _Handle:
     def __init__(self, ptr: int) -> None:
         self.ptr: Optional[int] = ptr
         self.pid = os.getpid()
-        self.lock = threading.Lock()
+        # re-entrant: a garbage collection inside a locked region may free an
+        # alloc() block, whose finalizer takes this lock again in this thread
+        self.lock = threading.RLock()
         self.closing = False
         self.busy = 0
         self.live_allocs = 0

@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--kvstore", default="kvd", help="kvd, kvd-object or none")
     ap.add_argument("--update-on-kvstore", default="none", choices=["none", "0", "1"])
     ap.add_argument("--optimizer", default="sgd")
+    ap.add_argument("--wd", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
@@ -47,7 +48,7 @@ def main() -> int:
         p = net.collect_params()[name]
         p.set_data(mx.nd.array(init_rng.normal(0, 0.3, size=p.shape).astype(np.float32)))
 
-    opt_params = {"learning_rate": 0.1, "wd": 1e-3}
+    opt_params = {"learning_rate": 0.1, "wd": args.wd}
     if args.optimizer in ("sgd", "nag"):
         opt_params["momentum"] = 0.9
     if args.optimizer == "adam":

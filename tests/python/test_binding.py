@@ -440,7 +440,7 @@ def test_close_drops_unwaited_handles():
 # ---------------------------------------------------------------- the local store, 1 rank
 
 
-def test_local_single_rank_every_call(kvd_daemon, job):
+def test_local_single_rank_every_call(kvd_daemon, job, tmp_path):
     with kvd.create("local", socket=kvd_daemon.sock, job=job, rank=0, num_workers=1,
                     timeout_ms=10000) as kv:
         assert (kv.type, kv.rank, kv.num_workers) == ("local", 0, 1)
@@ -459,13 +459,6 @@ def test_local_single_rank_every_call(kvd_daemon, job):
             kv.pushpull("d-float32", np.ones(100))
         with pytest.raises(kvd.KVExistsError):
             kv.init("d-float32", np.ones(100, np.float32))
-        if not kv.is_capable("optimizer"):
-            with pytest.raises(kvd.KVUnsupportedError):
-                kv.set_optimizer("sgd lr=0.1")
-            with pytest.raises(kvd.KVUnsupportedError):
-                kv.save_optimizer_states("/tmp/never")
-            with pytest.raises(kvd.KVUnsupportedError):
-                kv.load_optimizer_states("/tmp/never")
         with pytest.raises(kvd.KVUnsupportedError):
             kv.set_stream(None)
         m = kv.alloc(100, np.float32)
@@ -475,6 +468,30 @@ def test_local_single_rank_every_call(kvd_daemon, job):
         hs = [kv.pushpull_async("d-float32", np.full(100, i, np.float32)) for i in range(5)]
         assert [h.wait()[0] for h in hs] == [0, 1, 2, 3, 4]
         del m
+        # last: an optimizer in the store applies to every key of the job
+        if not kv.is_capable("optimizer"):  # passed through as the store says
+            with pytest.raises(kvd.KVUnsupportedError):
+                kv.set_optimizer("sgd lr=0.1")
+            with pytest.raises(kvd.KVUnsupportedError):
+                kv.save_optimizer_states("/tmp/never")
+            with pytest.raises(kvd.KVUnsupportedError):
+                kv.load_optimizer_states("/tmp/never")
+        else:
+            with pytest.raises(kvd.KVInvalidError, match="rmsprop"):
+                kv.set_optimizer("rmsprop lr=0.1")
+            with pytest.raises(kvd.KVInvalidError, match="lr=-1"):
+                kv.set_optimizer("sgd", lr=-1)
+            kv.set_optimizer("sgd", lr=0.5)
+            w = np.ones(8, np.float32)
+            kv.broadcast("opt-w", w)
+            g = np.ones(8, np.float32)
+            kv.pushpull("opt-w", g)  # the store applies sgd: w - 0.5 * g
+            assert g.tolist() == [0.5] * 8
+            path = os.path.join(tmp_path, "opt.states")
+            kv.save_optimizer_states(path, dump_optimizer=True)
+            kv.load_optimizer_states(path)
+            with pytest.raises(kvd.KVIOError):
+                kv.load_optimizer_states(os.path.join(tmp_path, "missing"))
 
 
 def test_timeout_when_a_rank_never_comes(kvd_daemon, job):
