@@ -63,7 +63,7 @@ CPPFLAGS += -DKV_HAVE_CUDA=1 -I$(CUDA_HOME)/include
 # same binaries start on machines with no GPU and no driver.
 CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart_static -lstdc++ -ldl -lrt
 else
-CUDA_LIBS :=
+CUDA_LIBS := -ldl
 endif
 
 URING_LIBS := -luring

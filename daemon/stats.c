@@ -19,6 +19,7 @@
 
 #include "kvd.h"
 #include "../kernels/gpu.h"
+#include "../kernels/nccl.h"
 #ifdef KV_HAVE_JEMALLOC
 #include <jemalloc/jemalloc.h>
 #endif
@@ -281,6 +282,8 @@ static void render_json(struct kvd *d, struct sb *b, uid_t viewer)
 	}
 	sb_printf(b, "], \"gpu_status\": ");
 	sb_json_str(b, gpu_status(), strlen(gpu_status()));
+	sb_printf(b, ", \"nccl\": ");
+	sb_json_str(b, nccl_status(), strlen(nccl_status()));
 	sb_printf(b, "}\n");
 }
 

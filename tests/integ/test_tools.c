@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -319,4 +320,142 @@ Test(kvrun, demo_trains_with_the_optimizer_in_the_store, .timeout = 60)
 		     0, "%s", slurp(out));
 	cr_assert_not_null(strstr(slurp(out), "every rank holds identical weights"));
 	unlink(out);
+}
+
+/*
+ * Two jobs of 2 and 3 ranks run a known number of rounds, then wait on a
+ * round that cannot complete while the test reads kvctl: the JSON holds both
+ * jobs, their ranks (with pids), keys and rounds; the metrics pass a strict
+ * format check; kvctl drop fails the waiting job's ops with KV_ERR_PEER.
+ */
+struct twojobs {
+	int rounds;
+	uint32_t *ready; /* shared: ranks done with their rounds */
+};
+
+static int twojobs_rank(int rank, int n, const struct kvd_proc *k, void *arg)
+{
+	struct twojobs *t = arg;
+	kv_store *kv = open_rank(30000);
+	float v[8] = { 0 }, big[1] = { 0 };
+
+	CHECK(kv, "open");
+	CHECK_RC(kv_init(kv, "a", v, 8, KV_FLOAT32), KV_OK);
+	CHECK_RC(kv_init(kv, "b", v, 8, KV_FLOAT32), KV_OK);
+	for (int r = 0; r < t->rounds; r++) {
+		CHECK_RC(kv_pushpull(kv, "a", v, NULL, 8, KV_FLOAT32, 0), KV_OK);
+		CHECK_RC(kv_pushpull(kv, "b", v, NULL, 8, KV_FLOAT32, 0), KV_OK);
+	}
+	__atomic_add_fetch(t->ready, 1, __ATOMIC_SEQ_CST);
+	if (rank == 0) {
+		/* waits until the test drops the job */
+		CHECK_RC(kv_init(kv, "hold", big, 1, KV_FLOAT32), KV_OK);
+		int rc = kv_pushpull(kv, "hold", big, NULL, 1, KV_FLOAT32, 0);
+		if (n == 3)
+			CHECK(rc == KV_ERR_PEER, "dropped job: pushpull returned %d, want PEER", rc);
+	} else {
+		CHECK_RC(kv_init(kv, "hold", big, 1, KV_FLOAT32), KV_OK);
+		/* stay joined until the test is done looking */
+		while (__atomic_load_n(t->ready, __ATOMIC_SEQ_CST) < 1000)
+			usleep(10000);
+	}
+	kv_close(kv);
+	return 0;
+}
+
+static pid_t fork_job(const struct kvd_proc *k, const char *job, int n, struct twojobs *t)
+{
+	pid_t p = fork();
+
+	if (p == 0) {
+		char why[256];
+		_exit(run_ranks(k, job, n, twojobs_rank, t, 60, why, sizeof(why)) ? 1 : 0);
+	}
+	return p;
+}
+
+Test(kvctl, two_jobs_json_metrics_and_drop, .timeout = 90)
+{
+	char kvctl[512], out[] = "/tmp/kvctl-2j.XXXXXX";
+	struct kvd_proc k;
+	uint32_t *ready = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	struct twojobs t2 = { 7, ready }, t3 = { 5, ready };
+	int fd = mkstemp(out), st2, st3;
+
+	cr_assert_geq(fd, 0);
+	close(fd);
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	bin_path("kvctl", kvctl, sizeof(kvctl));
+	pid_t p2 = fork_job(&k, "job-two", 2, &t2), p3 = fork_job(&k, "job-three", 3, &t3);
+	for (int i = 0; i < 1000 && __atomic_load_n(ready, __ATOMIC_SEQ_CST) < 5; i++)
+		usleep(10000);
+	cr_assert_eq(*ready, 5, "all 5 ranks ran their rounds");
+	usleep(200000);
+	cr_assert_eq(sh("%s --socket %s status --json > %s", kvctl, k.sock, out), 0);
+	cr_assert_eq(sh("python3 - %s <<'PY'\n"
+			"import json, sys\n"
+			"s = json.load(open(sys.argv[1]))\n"
+			"jobs = {j['name']: j for j in s['jobs']}\n"
+			"assert set(jobs) == {'job-two', 'job-three'}, jobs.keys()\n"
+			"for name, n, rounds in (('job-two', 2, 7), ('job-three', 3, 5)):\n"
+			"    j = jobs[name]\n"
+			"    assert j['num_workers'] == n and j['uid'] == 0, j\n"
+			"    assert sorted(r['rank'] for r in j['ranks']) == list(range(n)), j\n"
+			"    assert all(r['pid'] > 1 for r in j['ranks']), j\n"
+			"    assert j['keys'] == 3, j\n"
+			"    assert j['rounds'] == 2 * rounds, (name, j['rounds'])\n"
+			"    assert j['bytes_reduced'] == 2 * rounds * 8 * 4, j\n"
+			"    assert {'p50', 'p99'} <= set(j['latency_us']), j\n"
+			"for key in ('version', 'uptime_s', 'memory', 'gpus'):\n"
+			"    assert key in s, key\n"
+			"PY",
+			out),
+		     0, "%s", slurp(out));
+	/* metrics: the text exposition format, checked line by line */
+	cr_assert_eq(sh("%s --socket %s metrics > %s", kvctl, k.sock, out), 0);
+	cr_assert_eq(sh("python3 - %s <<'PY'\n"
+			"import re, sys\n"
+			"lines = open(sys.argv[1]).read().splitlines()\n"
+			"types, seen = {}, set()\n"
+			"name_re = r'[a-zA-Z_:][a-zA-Z0-9_:]*'\n"
+			"sample = re.compile(r'^(' + name_re + r')(\\{(' + name_re + r'=\"[^\"]*\",?)*\\})? "
+			"(-?[0-9.e+-]+|\\+Inf|NaN)$')\n"
+			"for l in lines:\n"
+			"    if l.startswith('# HELP '):\n"
+			"        assert len(l.split(' ', 3)) == 4, l\n"
+			"    elif l.startswith('# TYPE '):\n"
+			"        _, _, n, t = l.split(' ')\n"
+			"        assert t in ('counter', 'gauge', 'histogram'), l\n"
+			"        assert n not in types, 'TYPE twice: ' + n\n"
+			"        types[n] = t\n"
+			"    else:\n"
+			"        m = sample.match(l)\n"
+			"        assert m, 'bad sample line: ' + l\n"
+			"        base = re.sub('_(bucket|sum|count)$', '', m.group(1))\n"
+			"        assert m.group(1) in types or base in types, 'no TYPE for ' + l\n"
+			"        t = types.get(m.group(1), types.get(base))\n"
+			"        if t == 'counter': assert m.group(1).endswith('_total'), l\n"
+			"        seen.add(m.group(1))\n"
+			"assert types.get('kvd_op_latency_seconds') == 'histogram'\n"
+			"assert any('le=\"+Inf\"' in l for l in lines if l.startswith('kvd_op_latency_seconds_bucket'))\n"
+			"assert {'kvd_op_latency_seconds_sum', 'kvd_op_latency_seconds_count', "
+			"'kvd_rounds_total'} <= seen, seen\n"
+			"r = [l for l in lines if l.startswith('kvd_rounds_total{job=\"job-three\"}')]\n"
+			"assert r and r[0].endswith(' 10'), r\n"
+			"PY",
+			out),
+		     0, "%s", slurp(out));
+	/* drop job-three: its waiting rank gets KV_ERR_PEER; job-two stays */
+	cr_assert_eq(sh("%s --socket %s drop job-three > %s", kvctl, k.sock, out), 0, "%s",
+		     slurp(out));
+	cr_assert_eq(sh("%s --socket %s jobs > %s", kvctl, k.sock, out), 0);
+	cr_assert_null(strstr(slurp(out), "job-three"), "%s", slurp(out));
+	cr_assert_not_null(strstr(slurp(out), "job-two"), "%s", slurp(out));
+	__atomic_store_n(ready, 1000, __ATOMIC_SEQ_CST);
+	cr_assert_eq(waitpid(p3, &st3, 0), p3);
+	cr_assert(WIFEXITED(st3) && WEXITSTATUS(st3) == 0, "job-three's ranks saw the drop");
+	kvd_stop(&k); /* job-two's rank 0 waits on "hold": kvd's stop fails it */
+	waitpid(p2, &st2, 0);
+	unlink(out);
+	munmap(ready, 4096);
 }
