@@ -162,8 +162,6 @@ static void evict(struct kvd *d, struct client *c, const char *why)
 static void post(struct engine *e, struct client *c, const struct kv_sqe *s, int status,
 		 uint64_t round)
 {
-	if (s->op != KV_OP_CANCEL)
-		c->inflight--;
 	if (c->left || c->broken)
 		return;
 	struct kv_cqe q = {
@@ -974,8 +972,6 @@ static int poll_client(struct engine *e, struct client *c)
 			evict(e->d, c, "submission ring indices are corrupt");
 			break;
 		}
-		if (s.op != KV_OP_CANCEL)
-			c->inflight++;
 		take(e, c, &s);
 		n++;
 	}

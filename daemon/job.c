@@ -86,9 +86,29 @@ static int keymap_put(struct job *j, struct key *k)
 	return 0;
 }
 
+/* The running total of a uid's shared bytes (kvd.uid_lock held); NULL when out of memory. */
+static uint64_t *uid_total(struct kvd *d, uid_t uid)
+{
+	for (uint32_t i = 0; i < d->nuids; i++)
+		if (d->uids[i].uid == uid)
+			return &d->uids[i].bytes;
+	struct uid_bytes *n = realloc(d->uids, (d->nuids + 1) * sizeof(*n));
+	if (!n)
+		return NULL;
+	d->uids = n;
+	d->uids[d->nuids] = (struct uid_bytes){ uid, 0 };
+	return &d->uids[d->nuids++].bytes;
+}
+
+/*
+ * Count bytes of shared memory against the job and its owner's uid, or say
+ * which limit they would cross.  The control thread charges; the engine
+ * uncharges when it frees; the per-uid totals take a small lock of their own
+ * (never taken on the data path).
+ */
 int job_charge(struct kvd *d, struct job *j, uint64_t bytes, char *why, size_t whylen)
 {
-	uint64_t now = __atomic_load_n(&j->bytes, __ATOMIC_RELAXED);
+	uint64_t now = __atomic_load_n(&j->bytes, __ATOMIC_RELAXED), *u;
 
 	if (d->cfg.max_job_bytes && now + bytes > d->cfg.max_job_bytes) {
 		snprintf(why, whylen,
@@ -98,6 +118,22 @@ int job_charge(struct kvd *d, struct job *j, uint64_t bytes, char *why, size_t w
 			 (unsigned long long)d->cfg.max_job_bytes);
 		return KV_ERR_NOMEM;
 	}
+	pthread_mutex_lock(&d->uid_lock);
+	u = uid_total(d, j->uid);
+	if (!u || (d->cfg.max_uid_bytes && *u + bytes > d->cfg.max_uid_bytes)) {
+		if (u)
+			snprintf(why, whylen,
+				 "uid %u would hold %llu bytes of shared memory, over its limit of "
+				 "%llu (--max-uid-bytes)",
+				 (unsigned)j->uid, (unsigned long long)(*u + bytes),
+				 (unsigned long long)d->cfg.max_uid_bytes);
+		else
+			snprintf(why, whylen, "out of memory");
+		pthread_mutex_unlock(&d->uid_lock);
+		return KV_ERR_NOMEM;
+	}
+	*u += bytes;
+	pthread_mutex_unlock(&d->uid_lock);
 	__atomic_add_fetch(&j->bytes, bytes, __ATOMIC_RELAXED);
 	__atomic_add_fetch(&d->shared_bytes, bytes, __ATOMIC_RELAXED);
 	return 0;
@@ -105,6 +141,13 @@ int job_charge(struct kvd *d, struct job *j, uint64_t bytes, char *why, size_t w
 
 void job_uncharge(struct kvd *d, struct job *j, uint64_t bytes)
 {
+	uint64_t *u;
+
+	pthread_mutex_lock(&d->uid_lock);
+	u = uid_total(d, j->uid);
+	if (u)
+		*u -= bytes < *u ? bytes : *u;
+	pthread_mutex_unlock(&d->uid_lock);
 	__atomic_sub_fetch(&j->bytes, bytes, __ATOMIC_RELAXED);
 	__atomic_sub_fetch(&d->shared_bytes, bytes, __ATOMIC_RELAXED);
 }

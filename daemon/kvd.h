@@ -39,7 +39,7 @@ struct kvd_config {
 	const char *socket_path;
 	int threads;            /* reduce workers */
 	uint64_t max_job_bytes; /* 0: no limit */
-	uint64_t max_uid_bytes;
+	uint64_t max_uid_bytes; /* 0: no limit */
 	uint32_t max_keys;  /* per job */
 	uint32_t max_ranks; /* per job */
 	uint32_t max_clients;
@@ -79,7 +79,6 @@ struct client {
 
 	/* [eng] */
 	struct ring sq, cq;
-	uint32_t inflight; /* contributions taken from the SQ and not yet completed */
 	struct overflow *overflow, *overflow_tail; /* completions waiting for CQ room */
 	uint32_t noverflow;
 	struct contrib *pending; /* every live contribution of this client (for CANCEL) */
@@ -227,7 +226,12 @@ struct kvd {
 	uint32_t nclients; /* [atomic] */
 	uint64_t shared_bytes; /* [atomic] */
 	uint64_t pinned_bytes; /* [atomic] */
-	uint64_t uid_bytes_dummy;
+	pthread_mutex_t uid_lock; /* shared bytes per uid, for --max-uid-bytes */
+	struct uid_bytes {
+		uid_t uid;
+		uint64_t bytes;
+	} *uids;
+	uint32_t nuids;
 	struct engine *eng;
 	struct ctl *ctl;
 	int gpus;

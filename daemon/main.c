@@ -35,6 +35,8 @@ static const char usage[] =
 	"  -t, --threads N          reduce worker threads (default: online CPUs)\n"
 	"      --max-job-bytes SIZE shared memory one job may hold (K, M, G suffixes;\n"
 	"                           default 0: no limit)\n"
+	"      --max-uid-bytes SIZE shared memory all jobs of one uid may hold (default 0:\n"
+	"                           no limit)\n"
 	"      --max-keys N         keys per job (default 1048576)\n"
 	"      --max-ranks N        ranks per job (default 1024)\n"
 	"      --max-clients N      connected ranks in all (default 4096)\n"
@@ -60,6 +62,7 @@ static const char usage[] =
 enum {
 	OPT_MAX_JOB_BYTES = 256,
 	OPT_MAX_KEYS,
+	OPT_MAX_UID_BYTES,
 	OPT_MAX_RANKS,
 	OPT_MAX_CLIENTS,
 	OPT_PART_SIZE,
@@ -75,6 +78,7 @@ static const struct option long_opts[] = {
 	{ "threads", required_argument, NULL, 't' },
 	{ "max-job-bytes", required_argument, NULL, OPT_MAX_JOB_BYTES },
 	{ "max-keys", required_argument, NULL, OPT_MAX_KEYS },
+	{ "max-uid-bytes", required_argument, NULL, OPT_MAX_UID_BYTES },
 	{ "max-ranks", required_argument, NULL, OPT_MAX_RANKS },
 	{ "max-clients", required_argument, NULL, OPT_MAX_CLIENTS },
 	{ "part-size", required_argument, NULL, OPT_PART_SIZE },
@@ -150,6 +154,11 @@ static int apply(struct kvd_config *c, int opt, const char *arg, const char *nam
 		if (parse_size(arg, &v))
 			goto bad;
 		c->max_job_bytes = v;
+		return 0;
+	case OPT_MAX_UID_BYTES:
+		if (parse_size(arg, &v))
+			goto bad;
+		c->max_uid_bytes = v;
 		return 0;
 	case OPT_MAX_KEYS:
 		if (parse_uint(arg, KEY_DIR * KEY_BLOCK, &v) || v == 0)
@@ -492,6 +501,7 @@ int main(int argc, char **argv)
 			return 1;
 	}
 	pthread_mutex_init(&d.lock, NULL);
+	pthread_mutex_init(&d.uid_lock, NULL);
 	d.start = kvd_now();
 	err = engine_start(&d);
 	if (err) {
@@ -513,6 +523,7 @@ int main(int argc, char **argv)
 	close(c->listen_fd);
 	kvd_log("stopped");
 	notify_close();
+	free(d.uids);
 	free(socket_path_buf);
 	return err ? 1 : 0;
 }

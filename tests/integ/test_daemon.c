@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "harness.h"
@@ -131,4 +132,52 @@ Test(daemon, one_store_shared_by_threads, .timeout = 60)
 	int rc = run_ranks(&k, "threads", 2, threads_rank, NULL, 50, why, sizeof(why));
 	kvd_stop(&k);
 	cr_assert_eq(rc, 0, "%s", why);
+}
+
+/* --max-uid-bytes counts every job of a uid together */
+static int uid_limit_rank(int rank, int n, const struct kvd_proc *k, void *arg)
+{
+	const char *job = getenv("KVD_JOB");
+	size_t count = (16u << 20) / 4;
+	float *v = calloc(count, sizeof(float));
+	kv_store *kv = open_rank(10000);
+
+	CHECK(kv && v, "open");
+	if (strcmp(job, "uid-a") == 0) {
+		CHECK_RC(kv_init(kv, "a1", v, count, KV_FLOAT32), KV_OK);
+		usleep(600000); /* job b runs meanwhile */
+	} else {
+		usleep(200000);
+		CHECK_RC(kv_init(kv, "b1", v, count, KV_FLOAT32), KV_OK);
+		int rc = kv_init(kv, "b2", v, count, KV_FLOAT32);
+		CHECK(rc == KV_ERR_NOMEM, "third 16 MiB key of the uid: %d, want KV_ERR_NOMEM", rc);
+		CHECK(strstr(kv_last_error(kv), "--max-uid-bytes"), "the limit is named: %s",
+		      kv_last_error(kv));
+		/* a small key still fits */
+		CHECK_RC(kv_init(kv, "b3", v, 1000, KV_FLOAT32), KV_OK);
+	}
+	kv_close(kv);
+	free(v);
+	return 0;
+}
+
+Test(daemon, max_uid_bytes_counts_all_jobs_of_a_uid, .timeout = 60)
+{
+	/* job a: a 16 MiB value + 16 MiB of staging; job b the same; a third 16 MiB
+	 * key would make 80; a small key's 8 MiB direct segment makes 72 */
+	static const char *const args[] = { "--max-uid-bytes", "72M", NULL };
+	struct kvd_proc k;
+	char why[256];
+	pid_t p;
+	int st;
+
+	cr_assert_eq(kvd_start(&k, args), 0);
+	p = fork();
+	if (p == 0)
+		_exit(run_ranks(&k, "uid-a", 1, uid_limit_rank, NULL, 30, why, sizeof(why)) ? 1 : 0);
+	int rc = run_ranks(&k, "uid-b", 1, uid_limit_rank, NULL, 30, why, sizeof(why));
+	waitpid(p, &st, 0);
+	kvd_stop(&k);
+	cr_assert_eq(rc, 0, "%s", why);
+	cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "job a failed");
 }
