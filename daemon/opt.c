@@ -105,7 +105,8 @@ int opt_parse(const char *spec, size_t len, struct opt_cfg *out, char *why, size
 		if (!q || !(q->who & who))
 			return bad(why, whylen, "unknown parameter '%s' for %s", w, out->name);
 		if (seen & (1u << (q - params)))
-			return bad(why, whylen, "parameter '%s' is given twice", w);
+			return bad(why, whylen, "'%s=%s' gives parameter '%s' a second time", w, eq + 1,
+				   w);
 		seen |= 1u << (q - params);
 		errno = 0;
 		v = strtod(eq + 1, &end);
