@@ -197,7 +197,7 @@ check: all
 else
 # The integration suites run twice: as kvd is configured by default (keys up
 # to 1 MiB in direct rounds), then with every round through kvd's engine.
-ENGINE_SUITES := '@(smoke|pushpull|async|keys|errors|faults|mxnet|daemon)/*'
+ENGINE_SUITES := '@(smoke|pushpull|async|keys|errors|faults|mxnet|daemon|optimizer|soak)/*'
 TEST_ENV = KVD_BIN_DIR=$(abspath $(B)/bin) KVD_BUILD=$(abspath $(B)) \
 	   LSAN_OPTIONS=suppressions=$(abspath tests/lsan.supp):print_suppressions=0
 check: all
@@ -280,6 +280,83 @@ else
 		$(PY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/python $(PYTEST_ARGS)
 endif
 # <<< python
+
+# >>> fuzz (tests/fuzz/: libFuzzer targets; one block)
+# `make fuzz` builds the libFuzzer targets with clang (-fsanitize=fuzzer,address,undefined;
+# objects in build/fuzz/, apart from the normal build) and runs each for FUZZ_SECONDS
+# (default 60) from its seed corpus tests/fuzz/corpus/<name>/ (inputs it finds go to
+# build/fuzz/corpus/<name>/, never into the tree), printing the executions each ran.
+# A crash, a sanitizer report or a failed check stops it with the input saved as
+# build/fuzz/crash-<target>-<sha1> (replay: build/fuzz/<target> FILE).
+#   fuzz_msg: the control-message codec, shm/msg.c
+#   fuzz_sqe: kvd's intake of ring entries, daemon/engine.c compiled into the target
+# CI: make fuzz FUZZ_SECONDS=20.  FUZZ_ARGS passes libFuzzer options (e.g. -jobs=2).
+# `make fuzz-corpus` rewrites the seed corpus from tests/fuzz/mkcorpus.c.
+FUZZ_CC ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_ARGS ?=
+FUZZ_DEB_PKGS := clang libclang-rt-dev
+FZ := build/fuzz
+FUZZ_TARGETS := fuzz_msg fuzz_sqe
+FUZZ_CFLAGS := -O1 -g -std=gnu11 -pthread -fno-omit-frame-pointer -Wall -Wno-unused-parameter \
+	-Wno-unused-function -D_GNU_SOURCE -Iinclude -MMD -MP
+FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=all
+# libFuzzer's coverage reaches into the code under test; its main only into the targets
+FUZZ_LIB_SRC := $(wildcard shm/*.c kernels/*.c) \
+	$(filter-out daemon/main.c daemon/engine.c daemon/ctl.c,$(wildcard daemon/*.c))
+FUZZ_LIB_OBJ := $(patsubst %.c,$(FZ)/obj/%.o,$(FUZZ_LIB_SRC))
+FUZZ_MSG_OBJ := $(patsubst %.c,$(FZ)/obj/%.o,$(wildcard shm/*.c))
+.PHONY: fuzz fuzz-build fuzz-deps fuzz-corpus
+
+fuzz-deps:
+	$(Q)mkdir -p $(FZ) && printf '%s\n' '#include <stdint.h>' '#include <stddef.h>' \
+		'int LLVMFuzzerTestOneInput(const uint8_t *d, size_t n);' \
+		'int LLVMFuzzerTestOneInput(const uint8_t *d, size_t n) { return 0; }' > $(FZ)/probe.c; \
+	if ! $(FUZZ_CC) -fsanitize=fuzzer,address,undefined -o $(FZ)/probe $(FZ)/probe.c 2>/dev/null; then \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "make fuzz: $(FUZZ_CC) cannot link -fsanitize=fuzzer; as root: apt-get install $(FUZZ_DEB_PKGS)" >&2; exit 1; \
+		fi; \
+		echo "  deps    installing $(FUZZ_DEB_PKGS) (libFuzzer)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(FUZZ_DEB_PKGS) >/dev/null && \
+		$(FUZZ_CC) -fsanitize=fuzzer,address,undefined -o $(FZ)/probe $(FZ)/probe.c || exit 1; \
+	fi
+
+$(FUZZ_LIB_OBJ): $(FZ)/obj/%.o: %.c | fuzz-deps
+	@mkdir -p $(@D)
+	$(call say,FUZZCC,$<)$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -fsanitize=fuzzer-no-link -c -o $@ $<
+
+$(FZ)/obj/tests/fuzz/%.o: tests/fuzz/%.c | fuzz-deps
+	@mkdir -p $(@D)
+	$(call say,FUZZCC,$<)$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_SAN) -fsanitize=fuzzer-no-link -c -o $@ $<
+
+$(FZ)/fuzz_msg: $(FZ)/obj/tests/fuzz/fuzz_msg.o $(FUZZ_MSG_OBJ)
+	$(call say,LD,$@)$(FUZZ_CC) $(FUZZ_SAN) -fsanitize=fuzzer -pthread -o $@ $^ -lm
+
+$(FZ)/fuzz_sqe: $(FZ)/obj/tests/fuzz/fuzz_sqe.o $(FUZZ_LIB_OBJ)
+	$(call say,LD,$@)$(FUZZ_CC) $(FUZZ_SAN) -fsanitize=fuzzer -pthread -o $@ $^ -lm
+
+fuzz-build: $(addprefix $(FZ)/,$(FUZZ_TARGETS))
+
+fuzz: fuzz-build
+	$(Q)for t in $(FUZZ_TARGETS); do \
+		seeds=tests/fuzz/corpus/$${t#fuzz_}; mkdir -p $(FZ)/corpus/$$t; \
+		echo "  FUZZ    $$t for $(FUZZ_SECONDS) s (seeds: $$seeds)"; \
+		$(FZ)/$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 -timeout=10 \
+			-rss_limit_mb=2048 -artifact_prefix=$(FZ)/crash-$$t- $(FUZZ_ARGS) \
+			$(FZ)/corpus/$$t $$seeds > $(FZ)/$$t.log 2>&1; rc=$$?; \
+		runs=$$(sed -n 's/^stat::number_of_executed_units: *//p' $(FZ)/$$t.log | tail -1); \
+		echo "  FUZZ    $$t: $${runs:-?} executions in $(FUZZ_SECONDS) s, exit $$rc (log: $(FZ)/$$t.log)"; \
+		if [ $$rc != 0 ]; then tail -n 60 $(FZ)/$$t.log; exit 1; fi; \
+	done
+
+$(FZ)/mkcorpus: tests/fuzz/mkcorpus.c shm/msg.c | fuzz-deps
+	$(call say,CC,$@)$(FUZZ_CC) -O1 -std=gnu11 -D_GNU_SOURCE -Iinclude -o $@ $^
+
+fuzz-corpus: $(FZ)/mkcorpus
+	$(Q)$(FZ)/mkcorpus tests/fuzz/corpus
+
+-include $(FUZZ_LIB_OBJ:.o=.d) $(patsubst %,$(FZ)/obj/tests/fuzz/%.d,$(FUZZ_TARGETS))
+# <<< fuzz
 
 # >>> soak (client-crash soak: tests/integ/test_soak.c; one block)
 # `make check` runs the soak with 50 kills as one of kvtest's tests; `make soak`

@@ -670,6 +670,10 @@ static void conn_close(struct ctl *x, struct conn *cn)
 			j->detached = true;
 		}
 		pthread_mutex_unlock(&d->lock);
+		/* now, before any new hello: a replacement of this rank must find its
+		 * direct keys' init flags and locks free, and the board saying it left */
+		job_board_present(j, c->rank, false);
+		job_direct_forget(j, c->rank);
 		__atomic_sub_fetch(&d->nclients, 1, __ATOMIC_RELAXED);
 		if (__atomic_load_n(&c->evict, __ATOMIC_ACQUIRE))
 			kvd_log("leave job=%s rank=%d pid=%d (evicted: %s)", j->name, c->rank,

@@ -224,6 +224,10 @@ static void complete(struct engine *e, struct contrib *x, int status, uint64_t r
 	struct job *j = x->c->job;
 	uint64_t dt = kvd_now_ns() - x->t0_ns;
 
+	/* an op one of whose parts failed for a gone rank fails as a whole: its
+	 * parts still to come are refused (do_round), so it is never half applied */
+	if (status == KV_ERR_PEER)
+		x->c->failed_ud = x->sqe.user_data;
 	contrib_unlink(x);
 	post(e, x->c, &x->sqe, status, round);
 	__atomic_add_fetch(&j->ops, 1, __ATOMIC_RELAXED);
@@ -802,8 +806,9 @@ static void do_round(struct engine *e, struct contrib *x)
 	struct part *p = &k->parts[x->sqe.part];
 	int r = x->c->rank;
 
-	if (job_broken(j) || e->shutting_down) {
-		complete(e, x, broken_status(e, j), p->rounds_done);
+	if (job_broken(j) || e->shutting_down || x->sqe.user_data == x->c->failed_ud) {
+		/* the op's other parts fail too, even once the job is whole again */
+		complete(e, x, e->shutting_down ? KV_ERR_DAEMON : KV_ERR_PEER, p->rounds_done);
 		return;
 	}
 	if (!p->nready)
@@ -1083,14 +1088,12 @@ static void overflow_free(struct client *c)
 	c->noverflow = 0;
 }
 
+/* Free a client that left once no task touches its memory.  The caller then
+ * asks job_maybe_free() about its job, once (it may free the job). */
 static void client_release(struct engine *e, struct client *c)
 {
-	struct job *j = c->job;
-
 	overflow_free(c);
 	client_free(e->d, c);
-	if (j)
-		job_maybe_free(e, j);
 }
 
 static void job_maybe_free(struct engine *e, struct job *j)
@@ -1188,8 +1191,8 @@ static void on_leave(struct engine *e, struct client *c, bool last)
 	}
 	j->eng_ranks[c->rank] = NULL;
 	j->eng_present--;
-	job_board_present(j, c->rank, false);
-	job_direct_forget(j, c->rank);
+	/* the board's presence byte and the rank's direct-key leftovers were
+	 * cleared by the control thread already (before a replacement could join) */
 	if (j->complete_once && !j->dropped && !e->shutting_down)
 		job_board_set(j, KV_BOARD_BROKEN);
 	if (j->complete_once)
@@ -1198,6 +1201,7 @@ static void on_leave(struct engine *e, struct client *c, bool last)
 		j->gone = true;
 	if (c->refs == 0)
 		client_release(e, c);
+	job_maybe_free(e, j);
 }
 
 static int drain_events(struct engine *e)

@@ -84,6 +84,7 @@ struct client {
 	struct contrib *pending; /* every live contribution of this client (for CANCEL) */
 	int refs;           /* tasks on workers that read or write this client's memory */
 	bool left;          /* LEAVE processed */
+	uint64_t failed_ud; /* an op whose part failed on a broken job: its later parts fail too */
 	bool broken;        /* ring corrupt: no longer served */
 	struct client *next; /* engine's list of served clients */
 	uint32_t evict;     /* [atomic] engine asks control to disconnect it */

@@ -189,9 +189,6 @@ static int key_lock(struct local *l, struct kv_dkey *dk, int64_t deadline, char 
 		if (__atomic_compare_exchange_n(&dk->lock, &free_, me, false, __ATOMIC_ACQUIRE,
 						__ATOMIC_RELAXED))
 			return KV_OK;
-		if (free_ == me) /* only this rank's dead predecessor could have left it */
-			__atomic_compare_exchange_n(&dk->lock, &free_, 0, false, __ATOMIC_RELAXED,
-						    __ATOMIC_RELAXED);
 		cpu_relax();
 		if (i % LOCK_YIELD)
 			continue;
@@ -262,6 +259,7 @@ static void summer(struct local *l, struct lkey *k, uint32_t done, uint32_t kind
 	dk->status = status;
 	dk->arrived = 0;
 	dk->kind = KV_DK_NONE;
+	dk->summer = 0;
 	if (status == KV_OK) {
 		__atomic_add_fetch(&l->board->rounds, 1, __ATOMIC_RELAXED);
 		__atomic_add_fetch(&l->board->bytes, bytes, __ATOMIC_RELAXED);
@@ -279,51 +277,98 @@ static bool reached(uint32_t done, uint32_t target)
 	return (int32_t)(done - target) >= 0;
 }
 
+static bool rank_present(struct local *l, uint32_t r)
+{
+	const uint8_t *p = (const uint8_t *)l->board + KV_BOARD_PRESENT_OFF;
+
+	return r < (uint32_t)l->o.num_workers && __atomic_load_n(&p[r], __ATOMIC_SEQ_CST) != 0;
+}
+
+#define ROUND_RUNNING 1 /* round_fate: every rank arrived and the summer is alive */
+
 /*
- * Wait for round target.  On a deadline the arrival is taken back when the
- * round is still open (a retry then joins the same round); a round that
- * completed meanwhile counts as completed.
+ * The job changed (a rank left, or left and was replaced) while this rank
+ * waited in round target, which it arrived at under epoch: decide, under
+ * the key's lock, what became of the round.  Completed: KV_OK.  Every rank
+ * arrived and the rank summing it is alive: ROUND_RUNNING (keep waiting).
+ * Otherwise the round cannot complete: this rank's arrival is taken back
+ * (so an op reported failed was never applied) and the error is returned.
  */
-static int wait_round(struct local *l, struct lkey *k, uint32_t target, int64_t deadline,
-		      char *err)
+static int round_fate(struct local *l, struct lkey *k, uint32_t target, uint32_t epoch,
+		      int fail_code, char *err)
+{
+	struct kv_dkey *dk = k->dk;
+	uint32_t n = (uint32_t)l->o.num_workers;
+	int rc = key_lock(l, dk, 0, err);
+
+	if (rc)
+		return rc;
+	if (reached(__atomic_load_n(&dk->done, __ATOMIC_ACQUIRE), target)) {
+		key_unlock(dk);
+		return KV_OK;
+	}
+	if (dk->epoch == epoch && dk->arrived == n) {
+		uint32_t s = dk->summer;
+		key_unlock(dk);
+		if (s && rank_present(l, s - 1))
+			return ROUND_RUNNING;
+		return fail(err, KV_ERR_PEER, "the rank summing this round of key '%s' died",
+			    k->name);
+	}
+	if (dk->epoch == epoch && dk->arrived > 0) {
+		dk->arrived--;
+		if (dk->arrived == 0)
+			dk->kind = KV_DK_NONE;
+	}
+	key_unlock(dk);
+	k->target = target - 1;
+	return fail_code;
+}
+
+/*
+ * Wait for round target.  When the job changes, or the deadline passes, the
+ * round's fate decides (round_fate): a retry after a failure then joins a
+ * clean round.
+ */
+static int wait_round(struct local *l, struct lkey *k, uint32_t target, uint32_t epoch,
+		      int64_t deadline, char *err)
 {
 	struct kv_dkey *dk = k->dk;
 	uint64_t spin_until = now_ns() + DIRECT_SPIN_NS;
 
 	for (;;) {
 		uint32_t done = __atomic_load_n(&dk->done, __ATOMIC_SEQ_CST);
+		uint32_t st = __atomic_load_n(&l->board->state, __ATOMIC_SEQ_CST);
 		int rc, slice = 100;
 
 		if (reached(done, target))
 			return KV_OK;
-		if (now_ns() < spin_until) {
+		if (st != KV_BOARD_OK ||
+		    __atomic_load_n(&l->board->epoch, __ATOMIC_SEQ_CST) != epoch) {
+			int code = board_ok(l, 0, err);
+			if (!code)
+				code = fail(err, KV_ERR_PEER,
+					    "a rank of job '%s' left or died while this op needed it",
+					    l->o.job);
+			rc = round_fate(l, k, target, epoch, code, err);
+			if (rc != ROUND_RUNNING)
+				return rc;
+		} else if (now_ns() < spin_until) {
 			cpu_relax();
 			continue;
 		}
-		rc = board_ok(l, deadline, err);
-		if (rc)
-			return rc;
 		if (deadline) {
 			int64_t left = deadline - now_ms();
 			if (left <= 0) {
-				rc = key_lock(l, dk, 0, err);
-				if (rc)
+				rc = round_fate(l, k, target, epoch,
+						fail(err, KV_ERR_TIMEOUT,
+						     "no round completed within %d ms (are all ranks "
+						     "of job '%s' running this op?)",
+						     l->o.timeout_ms, l->o.job),
+						err);
+				if (rc != ROUND_RUNNING)
 					return rc;
-				done = __atomic_load_n(&dk->done, __ATOMIC_ACQUIRE);
-				if (!reached(done, target) && dk->arrived > 0 &&
-				    dk->epoch == __atomic_load_n(&l->board->epoch, __ATOMIC_ACQUIRE)) {
-					dk->arrived--;
-					if (dk->arrived == 0)
-						dk->kind = KV_DK_NONE;
-					key_unlock(dk);
-					k->target = target - 1;
-					return fail(err, KV_ERR_TIMEOUT,
-						    "no round completed within %d ms (are all ranks "
-						    "of job '%s' running this op?)",
-						    l->o.timeout_ms, l->o.job);
-				}
-				key_unlock(dk);
-				continue;
+				left = 100; /* the round is being summed: it ends soon */
 			}
 			slice = left < slice ? (int)left : slice;
 		}
@@ -352,7 +397,7 @@ int direct_finish(struct local *l, struct lop *op, char *err)
 
 	if (!op->arrived)
 		return op->status;
-	rc = wait_round(l, k, op->target, deadline, err);
+	rc = wait_round(l, k, op->target, op->epoch, deadline, err);
 	if (rc == KV_OK) {
 		rc = k->dk->status; /* stable: the next round needs this rank */
 		if (rc == KV_ERR_MISMATCH)
@@ -550,6 +595,9 @@ int direct_op(struct local *l, uint8_t opc, struct lkey *k, struct lop *op,
 	__atomic_store_n(&k->arrived_at[r], done + 1, __ATOMIC_RELAXED); /* for kvctl */
 	last = ++dk->arrived == n;
 	kind = dk->kind;
+	if (last)
+		dk->summer = r + 1;
+	op->epoch = dk->epoch;
 	key_unlock(dk);
 
 	op->target = done + 1;

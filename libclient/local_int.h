@@ -57,6 +57,7 @@ struct lop {
 	bool dev_out;       /* some out is device memory: copy-outs run on the store's stream */
 	struct lkey *key;   /* direct ops: the key, and the round to wait for */
 	uint32_t target;
+	uint32_t epoch;     /* direct: the board epoch it arrived under */
 	bool arrived;       /* direct: arrived, not finished yet */
 };
 

@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 #define KV_SHM_MAGIC 0x3a64766bu /* "kvd:" in little-endian bytes */
-#define KV_SHM_ABI 3u
+#define KV_SHM_ABI 4u
 #define KV_CACHELINE 64
 
 /* One SPSC ring's control words, each on its own cache line. */
@@ -200,12 +200,13 @@ struct kv_dkey {
 	uint32_t waiters;   /* threads asleep on done */
 	uint32_t has_value; /* futex word: 1 once the key holds a value */
 	uint32_t moved;     /* kvd serves the key's rounds from now on (an optimizer was set) */
-	uint32_t pad0;
+	uint32_t summer;    /* rank + 1 of the rank summing the open round, 0 when none */
 	uint64_t since_ns;  /* CLOCK_MONOTONIC of the open round's first arrival (statistics) */
 	uint8_t pad[KV_CACHELINE - 48];
 };
 _Static_assert(sizeof(struct kv_dkey) == KV_CACHELINE, "dkey size");
 _Static_assert(offsetof(struct kv_dkey, moved) == 32, "dkey moved offset");
+_Static_assert(offsetof(struct kv_dkey, summer) == 36, "dkey summer offset");
 _Static_assert(offsetof(struct kv_dkey, since_ns) == 40, "dkey since_ns offset");
 _Static_assert(offsetof(struct kv_dkey, status) == 20, "dkey status offset");
 _Static_assert(offsetof(struct kv_dkey, has_value) == 28, "dkey has_value offset");
