@@ -87,6 +87,9 @@ struct ctl {
 	bool status_armed;                  /* a T_STATUS timeout is pending */
 	double status_last;                 /* when the last STATUS= went out */
 
+	int spare_fd;      /* held for refuse_no_fds() */
+	uint64_t refused;  /* connections refused for want of descriptors */
+
 	/* checkpoints: the engine hands finished ones back on ckpt_done */
 	pthread_mutex_t ckpt_lock;
 	struct ckpt_req *ckpt_done;
@@ -614,6 +617,40 @@ out_close:
 
 /* ------------------------------------------------------------------ connections */
 
+/*
+ * Out of file descriptors: the connection waiting in the backlog would make
+ * accept fail again at once, and its client would wait for an answer that
+ * never comes.  So give up the spare descriptor kept for this moment, take
+ * the connection, tell it why, close it, and take the spare back.
+ */
+static void refuse_no_fds(struct ctl *x, int err)
+{
+	static const char why[] = "kvd has run out of file descriptors (its RLIMIT_NOFILE); "
+				  "try again when ranks have left";
+	int fd;
+
+	if (x->spare_fd >= 0) {
+		close(x->spare_fd);
+		x->spare_fd = -1;
+	}
+	while ((fd = accept4(x->d->cfg.listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK)) >= 0) {
+		struct kv_msg m = { .type = KV_MSG_ERROR };
+		uint8_t buf[256];
+		size_t n;
+
+		m.u.error.code = KV_ERR_NOMEM;
+		m.u.error.text = why;
+		m.u.error.len = sizeof(why) - 1;
+		n = kv_msg_encode(&m, buf, sizeof(buf));
+		(void)!send(fd, buf, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+		close(fd);
+		if (x->refused++ % 100 == 0)
+			kvd_log("refused a connection: %s (%llu so far)", strerror(err),
+				(unsigned long long)x->refused);
+	}
+	x->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
+
 static void on_accept(struct ctl *x, int fd)
 {
 	struct conn *cn = calloc(1, sizeof(*cn));
@@ -907,6 +944,8 @@ static void on_cqe(struct ctl *x, struct io_uring_cqe *cqe)
 	case T_ACCEPT:
 		if (cqe->res >= 0)
 			on_accept(x, cqe->res);
+		else if (cqe->res == -EMFILE || cqe->res == -ENFILE)
+			refuse_no_fds(x, -cqe->res);
 		else if (cqe->res != -EINTR && cqe->res != -ECONNABORTED)
 			kvd_log("accept: %s", strerror(-cqe->res));
 		if (!(cqe->flags & IORING_CQE_F_MORE))
@@ -985,6 +1024,9 @@ int ctl_run(struct kvd *d)
 		return -ENOMEM;
 	x->d = d;
 	pthread_mutex_init(&x->ckpt_lock, NULL);
+	x->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	/* non-blocking: refuse_no_fds() accepts until the backlog is empty */
+	fcntl(d->cfg.listen_fd, F_SETFL, fcntl(d->cfg.listen_fd, F_GETFL) | O_NONBLOCK);
 	d->ctl = x;
 	sigemptyset(&mask);
 	sigaddset(&mask, SIGTERM);
@@ -1051,6 +1093,8 @@ int ctl_run(struct kvd *d)
 	}
 	engine_free_all(d);
 	io_uring_queue_exit(&x->ring); /* cancels what is still in flight */
+	if (x->spare_fd >= 0)
+		close(x->spare_fd);
 	pthread_mutex_lock(&x->ckpt_lock);
 	x->ckpt_done = NULL; /* each is on ckpt_out too */
 	pthread_mutex_unlock(&x->ckpt_lock);

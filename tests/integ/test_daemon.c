@@ -9,6 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -180,4 +183,118 @@ Test(daemon, max_uid_bytes_counts_all_jobs_of_a_uid, .timeout = 60)
 	kvd_stop(&k);
 	cr_assert_eq(rc, 0, "%s", why);
 	cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "job a failed");
+}
+
+/* a healthy 2-rank job that keeps running rounds while the test exhausts kvd's fds */
+static int steady_rank(int rank, int n, const struct kvd_proc *k, void *arg)
+{
+	volatile uint32_t *stop = arg;
+	kv_store *kv = open_rank(10000);
+	int32_t v[64];
+	int rounds = 0;
+
+	CHECK(kv, "open");
+	memset(v, 0, sizeof(v));
+	CHECK_RC(kv_init(kv, "steady", v, 64, KV_INT32), KV_OK);
+	while (!__atomic_load_n(stop, __ATOMIC_SEQ_CST) || rounds < 20) {
+		for (int i = 0; i < 64; i++)
+			v[i] = rank + i + rounds;
+		CHECK_RC(kv_pushpull(kv, "steady", v, NULL, 64, KV_INT32, 0), KV_OK);
+		for (int i = 0; i < 64; i++)
+			CHECK(v[i] == 2 * (i + rounds) + 1, "round %d: %d", rounds, v[i]);
+		rounds++;
+		usleep(2000);
+	}
+	kv_close(kv);
+	return 0;
+}
+
+Test(daemon, fd_limit_refuses_new_clients_and_serves_the_rest, .timeout = 60)
+{
+	struct kvd_proc k;
+	char kvd[512], why[256];
+	uint32_t *stop = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	kv_store *extra[64] = { 0 };
+	int nextra = 0, refused = 0, st;
+	pid_t job;
+
+	/* kvd with room for a few dozen descriptors */
+	memset(&k, 0, sizeof(k));
+	snprintf(k.dir, sizeof(k.dir), "/tmp/kvtest.XXXXXX");
+	cr_assert_not_null(mkdtemp(k.dir));
+	snprintf(k.sock, sizeof(k.sock), "%s/kvd.sock", k.dir);
+	snprintf(k.log, sizeof(k.log), "%s/kvd.log", k.dir);
+	bin_path("kvd", kvd, sizeof(kvd));
+	k.pid = fork();
+	if (k.pid == 0) {
+		struct rlimit rl = { 48, 48 };
+		int fd = open(k.log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+		dup2(fd, 2);
+		setrlimit(RLIMIT_NOFILE, &rl);
+		execl(kvd, kvd, "--socket", k.sock, (char *)NULL);
+		_exit(127);
+	}
+	for (int i = 0; i < 300 && access(k.sock, F_OK); i++)
+		usleep(10000);
+	usleep(100000);
+	job = fork();
+	if (job == 0)
+		_exit(run_ranks(&k, "steady", 2, steady_rank, stop, 40, why, sizeof(why)) ? 1 : 0);
+	usleep(300000);
+	/* more and more clients, each holding a few of kvd's descriptors */
+	for (int i = 0; i < 64 && !refused; i++) {
+		struct kv_options o;
+		char name[32];
+		struct timespec t0, t1;
+
+		kv_options_default(&o);
+		o.socket = k.sock;
+		snprintf(name, sizeof(name), "filler-%d", i);
+		o.job = name;
+		o.rank = 0;
+		o.num_workers = 1;
+		o.timeout_ms = 5000;
+		clock_gettime(CLOCK_MONOTONIC, &t0);
+		int rc = kv_create("local", &o, &extra[nextra]);
+		clock_gettime(CLOCK_MONOTONIC, &t1);
+		if (rc == KV_OK) {
+			float x[16] = { 0 };
+			/* a key: a segment, one more descriptor */
+			rc = kv_init(extra[nextra], "k", x, 16, KV_FLOAT32);
+			nextra++;
+			if (rc == KV_OK)
+				continue;
+			cr_assert_eq(rc, KV_ERR_NOMEM, "init at the limit: %d (%s)", rc,
+				     kv_last_error(extra[nextra - 1]));
+			refused = 1;
+			continue;
+		}
+		cr_assert_eq(rc, KV_ERR_NOMEM, "kv_create at the limit: %d (%s)", rc,
+			     kv_last_error(NULL));
+		cr_assert(strstr(kv_last_error(NULL), "descriptors") ||
+			  strstr(kv_last_error(NULL), "Too many open files"),
+			  "the sentence names the limit: %s", kv_last_error(NULL));
+		cr_assert_lt(t1.tv_sec - t0.tv_sec, 3, "refused at once, not after a wait");
+		refused = 1;
+	}
+	cr_assert(refused, "kvd never ran out with %d clients", nextra);
+	/* the healthy job kept going; after the fillers leave, kvd serves new clients */
+	for (int i = 0; i < nextra; i++)
+		kv_close(extra[i]);
+	__atomic_store_n(stop, 1, __ATOMIC_SEQ_CST);
+	cr_assert_eq(waitpid(job, &st, 0), job);
+	cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the healthy job failed");
+	usleep(200000);
+	struct kv_options o;
+	kv_store *late;
+	kv_options_default(&o);
+	o.socket = k.sock;
+	o.job = "late";
+	o.rank = 0;
+	o.num_workers = 1;
+	o.timeout_ms = 5000;
+	cr_assert_eq(kv_create("local", &o, &late), KV_OK, "%s", kv_last_error(NULL));
+	kv_close(late);
+	munmap(stop, 4096);
+	kvd_stop(&k);
 }
