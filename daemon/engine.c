@@ -29,6 +29,7 @@
  * workers and the control thread write only when they see the flag.
  */
 #include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,6 +45,9 @@
 #define SPIN_NS 50000u /* keep polling this long after the last work */
 #define POLL_BUDGET 64 /* submissions taken from one client per pass */
 #define OVERFLOW_MAX (1u << 20) /* completions kept for a client that does not reap */
+#define OVERFLOW_POLL_MS 2 /* sleep at most this long while completions overflow */
+#define MAX_PENDING (1u << 16)  /* contributions a client may have outstanding; then its
+				 * submissions wait in its ring (back-pressure) */
 
 struct overflow {
 	struct overflow *next;
@@ -79,6 +83,7 @@ struct task {
 	float *weight, *s0, *s1; /* weight: the value (f32 keys) or the master copy */
 	uint8_t *value;          /* the key's value part */
 	uint8_t *scratch;        /* malloc'd, freed with the task */
+	int status;              /* what the kernels said */
 };
 
 struct engine {
@@ -118,6 +123,7 @@ static struct contrib *contrib_new(struct client *c, const struct kv_sqe *s)
 	x->c = c;
 	x->sqe = *s;
 	x->t0_ns = kvd_now_ns();
+	c->npending++;
 	/* the client's pending list, for CANCEL and for leaving */
 	x->cnext = c->pending;
 	if (c->pending)
@@ -130,6 +136,7 @@ static void contrib_unlink(struct contrib *x)
 {
 	struct client *c = x->c;
 
+	c->npending--;
 	if (x->cprev)
 		x->cprev->cnext = x->cnext;
 	else
@@ -195,25 +202,41 @@ static void post(struct engine *e, struct client *c, const struct kv_sqe *s, int
 		ring_wake(&c->cq);
 }
 
-/* Move what overflowed into the completion ring as it frees up. */
+/*
+ * Move what overflowed into the completion ring as it frees up.  While some
+ * is left, the ring's "full" flag asks the client to ring the doorbell once
+ * it has reaped, so a sleeping engine comes back for the rest.
+ */
 static int flush_overflow(struct engine *e, struct client *c)
 {
 	int n = 0, rc = 0;
 
-	while (c->overflow) {
-		struct overflow *o = c->overflow;
-		rc = ring_push(&c->cq, &o->cqe);
-		if (rc)
+	for (;;) {
+		while (c->overflow) {
+			struct overflow *o = c->overflow;
+			rc = ring_push(&c->cq, &o->cqe);
+			if (rc)
+				break;
+			c->overflow = o->next;
+			if (!c->overflow)
+				c->overflow_tail = NULL;
+			c->noverflow--;
+			free(o);
+			n++;
+		}
+		if (rc && rc != -EAGAIN) {
+			evict(e->d, c, "completion ring indices are corrupt");
 			break;
-		c->overflow = o->next;
-		if (!c->overflow)
-			c->overflow_tail = NULL;
-		c->noverflow--;
-		free(o);
-		n++;
+		}
+		if (!c->overflow) {
+			ring_set_full(&c->cq, false);
+			break;
+		}
+		/* flag, then look again: the client may have reaped in between */
+		ring_set_full(&c->cq, true);
+		if (ring_space(&c->cq, 1) <= 0)
+			break;
 	}
-	if (rc && rc != -EAGAIN)
-		evict(e->d, c, "completion ring indices are corrupt");
 	if (n && ring_consumer_sleeping(&c->cq))
 		ring_wake(&c->cq);
 	return n;
@@ -302,6 +325,8 @@ static void set_stall(struct part *p, uint64_t ns)
 static void queue_append(struct part *p, int r, struct contrib *x)
 {
 	x->next = NULL;
+	x->qprev = p->tail[r];
+	x->queued = true;
 	if (p->tail[r])
 		p->tail[r]->next = x;
 	else {
@@ -311,38 +336,31 @@ static void queue_append(struct part *p, int r, struct contrib *x)
 	p->tail[r] = x;
 }
 
+/* Remove x from rank r's queue wherever it is, in O(1). */
+static void queue_remove(struct part *p, int r, struct contrib *x)
+{
+	if (!x->queued)
+		return;
+	if (x->qprev)
+		x->qprev->next = x->next;
+	else
+		set_head(p, r, x->next);
+	if (x->next)
+		x->next->qprev = x->qprev;
+	else
+		p->tail[r] = x->qprev;
+	if (!p->head[r])
+		set_nready(p, p->nready - 1);
+	x->next = x->qprev = NULL;
+	x->queued = false;
+}
+
 static struct contrib *queue_pop(struct part *p, int r)
 {
 	struct contrib *x = p->head[r];
 
-	set_head(p, r, x->next);
-	if (!p->head[r]) {
-		p->tail[r] = NULL;
-		set_nready(p, p->nready - 1);
-	}
-	x->next = NULL;
+	queue_remove(p, r, x);
 	return x;
-}
-
-/* Remove x from rank r's queue wherever it is. */
-static void queue_remove(struct part *p, int r, struct contrib *x)
-{
-	struct contrib *prev = NULL;
-
-	for (struct contrib *y = p->head[r]; y; prev = y, y = y->next) {
-		if (y != x)
-			continue;
-		if (prev)
-			prev->next = x->next;
-		else
-			set_head(p, r, x->next);
-		if (p->tail[r] == x)
-			p->tail[r] = prev;
-		if (!p->head[r])
-			set_nready(p, p->nready - 1);
-		x->next = NULL;
-		return;
-	}
 }
 
 static bool list_remove(struct contrib **list, struct contrib *x)
@@ -385,40 +403,39 @@ static void maybe_ready(struct engine *e, struct job *j, struct key *k, uint32_t
 }
 
 /* The arithmetic of one round; any number of inputs and outputs. */
-static void round_exec(int kind, kv_dtype t, uint8_t *const *ins, int nin, uint8_t *const *outs,
+static int round_exec(int kind, kv_dtype t, uint8_t *const *ins, int nin, uint8_t *const *outs,
 		       int nout, size_t n)
 {
 	void *const *o = (void *const *)outs;
 	const void *const *in = (const void *const *)ins;
-	int first;
+	int first, rc = 0;
 
 	if (kind == KIND_BCAST) {
-		for (int i = 0; i < nout; i += REDUCE_MAX_INPUTS) {
+		for (int i = 0; i < nout && !rc; i += REDUCE_MAX_INPUTS) {
 			int m = nout - i < REDUCE_MAX_INPUTS ? nout - i : REDUCE_MAX_INPUTS;
-			reduce_copy(REDUCE_CPU, NULL, t, o + i, m, ins[0], n);
+			rc = reduce_copy(REDUCE_CPU, NULL, t, o + i, m, ins[0], n);
 		}
-		return;
+		return rc;
 	}
-	if (nin <= REDUCE_MAX_INPUTS && nout <= REDUCE_MAX_INPUTS) {
-		reduce_sum(REDUCE_CPU, NULL, t, o, nout, in, nin, n);
-		return;
-	}
+	if (nin <= REDUCE_MAX_INPUTS && nout <= REDUCE_MAX_INPUTS)
+		return reduce_sum(REDUCE_CPU, NULL, t, o, nout, in, nin, n);
 	/* many ranks: accumulate into outs[0] (the key's value, which aliases no
 	 * input), then copy it to the other outputs */
 	first = nin < REDUCE_MAX_INPUTS ? nin : REDUCE_MAX_INPUTS;
-	reduce_sum(REDUCE_CPU, NULL, t, o, 1, in, first, n);
-	for (int i = first; i < nin; i += REDUCE_MAX_INPUTS - 1) {
+	rc = reduce_sum(REDUCE_CPU, NULL, t, o, 1, in, first, n);
+	for (int i = first; i < nin && !rc; i += REDUCE_MAX_INPUTS - 1) {
 		const void *batch[REDUCE_MAX_INPUTS];
 		int m = nin - i < REDUCE_MAX_INPUTS - 1 ? nin - i : REDUCE_MAX_INPUTS - 1;
 		batch[0] = outs[0];
 		for (int b = 0; b < m; b++)
 			batch[b + 1] = ins[i + b];
-		reduce_sum(REDUCE_CPU, NULL, t, o, 1, batch, m + 1, n);
+		rc = reduce_sum(REDUCE_CPU, NULL, t, o, 1, batch, m + 1, n);
 	}
-	for (int i = 1; i < nout; i += REDUCE_MAX_INPUTS) {
+	for (int i = 1; i < nout && !rc; i += REDUCE_MAX_INPUTS) {
 		int m = nout - i < REDUCE_MAX_INPUTS ? nout - i : REDUCE_MAX_INPUTS;
-		reduce_copy(REDUCE_CPU, NULL, t, o + i, m, outs[0], n);
+		rc = reduce_copy(REDUCE_CPU, NULL, t, o + i, m, outs[0], n);
 	}
+	return rc;
 }
 
 static void serve_pulls(struct engine *e, struct key *k, uint32_t part)
@@ -450,11 +467,25 @@ static void mark_valued(struct key *k, struct part *p)
 		__atomic_store_n(&k->has_value, 1, __ATOMIC_RELEASE);
 }
 
-/* After the arithmetic: advance the part and complete every rank's head. */
-static void round_done(struct engine *e, struct job *j, struct key *k, uint32_t part)
+/* After the arithmetic: advance the part and complete every rank's head.
+ * A round whose arithmetic was refused (status) fails on every rank and
+ * leaves the part as it was. */
+static void round_done(struct engine *e, struct job *j, struct key *k, uint32_t part, int status)
 {
 	struct part *p = &k->parts[part];
 	size_t bytes = part_elems(k, part) * k->esize;
+
+	if (status) {
+		kvd_log("job %s: a round of key '%s' failed: the kernels refused its buffers",
+			j->name, k->name);
+		for (int r = 0; r < j->num_workers; r++) {
+			p->submitted[r]--;
+			complete(e, queue_pop(p, r), KV_ERR_INVALID, p->rounds_done);
+		}
+		set_stall(p, p->nready ? kvd_now_ns() : 0);
+		maybe_ready(e, j, k, part);
+		return;
+	}
 
 	p->rounds_done++;
 	mark_valued(k, p);
@@ -587,23 +618,25 @@ static struct task *round_task(struct job *j, struct key *k, uint32_t part)
 	return t;
 }
 
-static void task_run(struct task *t)
+static int task_run(struct task *t)
 {
 	uint8_t **outs = t->ptrs + t->nin;
+	int rc;
 
-	if (!t->opt.kind) {
-		round_exec(t->kind, t->dtype, t->ptrs, t->nin, outs, t->nout, t->n);
-		return;
-	}
+	if (!t->opt.kind)
+		return round_exec(t->kind, t->dtype, t->ptrs, t->nin, outs, t->nout, t->n);
 	/* sum the gradient, update the weight (and its stored copy), hand it out */
-	round_exec(KIND_SUM, t->dtype, t->ptrs, t->nin, outs, 1, t->n);
-	optim_update(REDUCE_CPU, NULL, &t->opt, t->t, t->weight, t->scratch, t->dtype, t->s0,
-		     t->s1, t->dtype == KV_FLOAT32 ? NULL : t->value, t->dtype, t->n);
-	for (int i = 1; i < t->nout; i += REDUCE_MAX_INPUTS) {
+	rc = round_exec(KIND_SUM, t->dtype, t->ptrs, t->nin, outs, 1, t->n);
+	if (!rc)
+		rc = optim_update(REDUCE_CPU, NULL, &t->opt, t->t, t->weight, t->scratch, t->dtype,
+				  t->s0, t->s1, t->dtype == KV_FLOAT32 ? NULL : t->value, t->dtype,
+				  t->n);
+	for (int i = 1; i < t->nout && !rc; i += REDUCE_MAX_INPUTS) {
 		int m = t->nout - i < REDUCE_MAX_INPUTS ? t->nout - i : REDUCE_MAX_INPUTS;
-		reduce_copy(REDUCE_CPU, NULL, t->dtype, (void *const *)(outs + i), m, t->value,
-			    t->n);
+		rc = reduce_copy(REDUCE_CPU, NULL, t->dtype, (void *const *)(outs + i), m,
+				 t->value, t->n);
 	}
+	return rc;
 }
 
 
@@ -627,9 +660,9 @@ static int run_ready(struct engine *e)
 			break;
 		}
 		if (e->nworkers == 0 || t->n * r.key->esize <= e->d->cfg.inline_bytes) {
-			task_run(t);
+			int st = task_run(t);
 			task_free(t);
-			round_done(e, r.job, r.key, r.part);
+			round_done(e, r.job, r.key, r.part, st);
 			continue;
 		}
 		p->busy = true;
@@ -669,7 +702,7 @@ static void *worker_main(void *arg)
 			e->todo_tail = NULL;
 		pthread_mutex_unlock(&e->plock);
 
-		task_run(t);
+		t->status = task_run(t);
 
 		pthread_mutex_lock(&e->qlock);
 		t->next = e->done;
@@ -705,7 +738,7 @@ static int drain_done(struct engine *e)
 		p->busy = false;
 		j->busy--;
 		e->tasks_out--;
-		round_done(e, j, t->key, t->part);
+		round_done(e, j, t->key, t->part, t->status);
 		for (int i = 0; i < t->nin; i++) {
 			struct client *c = t->refs[i];
 			if (--c->refs == 0 && c->left)
@@ -937,6 +970,14 @@ static void take(struct engine *e, struct client *c, const struct kv_sqe *s)
 		need_out = false;
 		break;
 	}
+	/* the kernels need element-aligned buffers, and an output either is the
+	 * input (in place) or does not touch it */
+	if (in && (uintptr_t)in % k->esize)
+		bad = true;
+	if (out && (uintptr_t)out % k->esize)
+		bad = true;
+	if (in && out && in != out && in < out + bytes && out < in + bytes)
+		bad = true;
 	if (bad || (need_in && !in) || (need_out && !out)) {
 		complete(e, x, KV_ERR_INVALID, 0);
 		return;
@@ -967,7 +1008,7 @@ static int poll_client(struct engine *e, struct client *c)
 
 	if (c->overflow)
 		n += flush_overflow(e, c);
-	while (n < POLL_BUDGET && !c->broken) {
+	while (n < POLL_BUDGET && !c->broken && c->npending < MAX_PENDING) {
 		struct kv_sqe s;
 		int rc = ring_pop(&c->sq, &s);
 
@@ -1269,9 +1310,14 @@ static bool engine_has_work(struct engine *e)
 	pthread_mutex_unlock(&e->qlock);
 	if (done || e->ready.n)
 		return true;
-	for (struct client *c = e->clients; c; c = c->next)
-		if (!c->broken && ring_ready(&c->sq) != 0)
+	for (struct client *c = e->clients; c; c = c->next) {
+		if (c->broken)
+			continue;
+		if (c->npending < MAX_PENDING && ring_ready(&c->sq) != 0)
 			return true;
+		if (c->overflow && ring_space(&c->cq, 1) > 0)
+			return true;
+	}
 	return false;
 }
 
@@ -1286,10 +1332,23 @@ static void engine_sleep(struct engine *e)
 	for (struct client *c = e->clients; c; c = c->next)
 		ring_set_sleeping(&c->sq, true);
 	if (!engine_has_work(e)) {
+		bool backlog = false;
 		ssize_t n;
-		do
-			n = read(e->doorbell, &v, sizeof(v));
-		while (n < 0 && errno == EINTR);
+
+		for (struct client *c = e->clients; c; c = c->next)
+			backlog |= c->overflow != NULL && !c->broken;
+		if (backlog) {
+			/* a client holds overflowed completions: it rings the doorbell
+			 * when it reaps (the ring's "full" flag), but a client need not
+			 * follow that protocol: look again every few milliseconds */
+			struct pollfd p = { .fd = e->doorbell, .events = POLLIN };
+			if (poll(&p, 1, OVERFLOW_POLL_MS) > 0)
+				(void)!read(e->doorbell, &v, sizeof(v));
+		} else {
+			do
+				n = read(e->doorbell, &v, sizeof(v));
+			while (n < 0 && errno == EINTR);
+		}
 	}
 	__atomic_store_n(&e->sleeping, 0, __ATOMIC_RELAXED);
 	for (struct client *c = e->clients; c; c = c->next)

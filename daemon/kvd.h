@@ -85,6 +85,7 @@ struct client {
 	int refs;           /* tasks on workers that read or write this client's memory */
 	bool left;          /* LEAVE processed */
 	uint64_t failed_ud; /* an op whose part failed on a broken job: its later parts fail too */
+	uint32_t npending;  /* [eng] contributions taken and not completed (capped) */
 	bool broken;        /* ring corrupt: no longer served */
 	struct client *next; /* engine's list of served clients */
 	uint32_t evict;     /* [atomic] engine asks control to disconnect it */
@@ -188,6 +189,8 @@ struct job {
 
 struct contrib {
 	struct contrib *next;          /* part queue, held list, pulls or init waiters */
+	struct contrib *qprev;         /* part queue: the entry before (O(1) removal) */
+	bool queued;                   /* in a part queue */
 	struct contrib *cnext, *cprev; /* the client's pending list */
 	struct client *c;
 	struct key *key;

@@ -550,6 +550,11 @@ static int reap(struct local *l)
 		mark_dead(l, KV_ERR_PROTO, "the completion ring from kvd is corrupt");
 		return KV_ERR_PROTO;
 	}
+	if (n && ring_full(&l->cq)) {
+		/* kvd holds completions that did not fit: it may sleep; wake it */
+		uint64_t one = 1;
+		(void)!write(l->doorbell, &one, sizeof(one));
+	}
 	return n;
 }
 

@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 #define KV_SHM_MAGIC 0x3a64766bu /* "kvd:" in little-endian bytes */
-#define KV_SHM_ABI 4u
+#define KV_SHM_ABI 5u
 #define KV_CACHELINE 64
 
 /* One SPSC ring's control words, each on its own cache line. */
@@ -37,12 +37,14 @@ struct kv_ring_ctl {
 	uint32_t head; /* consumer: store-release; producer: load-acquire */
 	uint8_t pad1[KV_CACHELINE - 4];
 	uint32_t sleeping; /* consumer threads asleep (or about to be); producer reads */
-	uint8_t pad2[KV_CACHELINE - 4];
+	uint32_t full;     /* producer holds entries that did not fit: consumer, wake it */
+	uint8_t pad2[KV_CACHELINE - 8];
 };
 _Static_assert(sizeof(struct kv_ring_ctl) == 3 * KV_CACHELINE, "ring ctl size");
 _Static_assert(offsetof(struct kv_ring_ctl, tail) == 0, "tail offset");
 _Static_assert(offsetof(struct kv_ring_ctl, head) == KV_CACHELINE, "head offset");
 _Static_assert(offsetof(struct kv_ring_ctl, sleeping) == 2 * KV_CACHELINE, "sleeping offset");
+_Static_assert(offsetof(struct kv_ring_ctl, full) == 2 * KV_CACHELINE + 4, "full offset");
 
 struct kv_seg_hdr {
 	uint32_t magic;

@@ -71,8 +71,9 @@ int ring_space(struct ring *r, uint32_t want)
 
 	if (used <= r->mask + 1 && r->mask + 1 - used >= want)
 		return (int)(r->mask + 1 - used);
-	/* pairs with the consumer's store-release of head in ring_pop */
-	r->cached = __atomic_load_n(&r->ctl->head, __ATOMIC_ACQUIRE);
+	/* pairs with the consumer's store of head in ring_pop (seq_cst: the
+	 * producer's half of the "full" handshake) */
+	r->cached = __atomic_load_n(&r->ctl->head, __ATOMIC_SEQ_CST);
 	used = r->local - r->cached;
 	if (used > r->mask + 1)
 		return -EPROTO;
@@ -102,8 +103,9 @@ int ring_pop(struct ring *r, void *out)
 		return avail == 0 ? -EAGAIN : avail;
 	memcpy(out, r->entries + (size_t)(r->local & r->mask) * r->esize, r->esize);
 	r->local++;
-	/* the slot is copied out: hand it back; pairs with load-acquire of head */
-	__atomic_store_n(&r->ctl->head, r->local, __ATOMIC_RELEASE);
+	/* the slot is copied out: hand it back (pairs with the producer's load of
+	 * head); seq_cst as the consumer's half of the "full" handshake */
+	__atomic_store_n(&r->ctl->head, r->local, __ATOMIC_SEQ_CST);
 	return 0;
 }
 
@@ -111,6 +113,16 @@ bool ring_consumer_sleeping(struct ring *r)
 {
 	/* after our seq_cst store of tail (see the file comment) */
 	return __atomic_load_n(&r->ctl->sleeping, __ATOMIC_SEQ_CST) != 0;
+}
+
+void ring_set_full(struct ring *r, bool full)
+{
+	__atomic_store_n(&r->ctl->full, full ? 1u : 0u, __ATOMIC_SEQ_CST);
+}
+
+bool ring_full(struct ring *r)
+{
+	return __atomic_load_n(&r->ctl->full, __ATOMIC_SEQ_CST) != 0;
 }
 
 void ring_wake(struct ring *r)

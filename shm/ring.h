@@ -58,6 +58,15 @@ int ring_ready(struct ring *r);
 /* Producer, after ring_push: true when the consumer sleeps and needs a wake-up. */
 bool ring_consumer_sleeping(struct ring *r);
 
+/*
+ * The "full" handshake, for a producer that keeps entries elsewhere when the
+ * ring is full: it sets the flag and re-checks the space; a consumer that
+ * popped entries reads the flag and wakes the producer.  Both sides' index
+ * stores and these accesses are seq_cst, so one of them sees the other.
+ */
+void ring_set_full(struct ring *r, bool full); /* producer */
+bool ring_full(struct ring *r);                /* consumer, after popping */
+
 /* Producer: wake a consumer that sleeps in ring_wait (futex on the tail word). */
 void ring_wake(struct ring *r);
 
