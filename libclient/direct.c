@@ -337,12 +337,17 @@ static int wait_round(struct local *l, struct lkey *k, uint32_t target, uint32_t
 	uint64_t spin_until = now_ns() + DIRECT_SPIN_NS;
 
 	for (;;) {
-		uint32_t done = __atomic_load_n(&dk->done, __ATOMIC_SEQ_CST);
-		uint32_t st = __atomic_load_n(&l->board->state, __ATOMIC_SEQ_CST);
+		uint32_t done = __atomic_load_n(&dk->done, __ATOMIC_SEQ_CST), st;
 		int rc, slice = 100;
 
 		if (reached(done, target))
 			return KV_OK;
+		/* spin on the round alone; the board is looked at when the spin ends */
+		if (now_ns() < spin_until) {
+			cpu_relax();
+			continue;
+		}
+		st = __atomic_load_n(&l->board->state, __ATOMIC_SEQ_CST);
 		if (st != KV_BOARD_OK ||
 		    __atomic_load_n(&l->board->epoch, __ATOMIC_SEQ_CST) != epoch) {
 			int code = board_ok(l, 0, err);
@@ -353,9 +358,6 @@ static int wait_round(struct local *l, struct lkey *k, uint32_t target, uint32_t
 			rc = round_fate(l, k, target, epoch, code, err);
 			if (rc != ROUND_RUNNING)
 				return rc;
-		} else if (now_ns() < spin_until) {
-			cpu_relax();
-			continue;
 		}
 		if (deadline) {
 			int64_t left = deadline - now_ms();
