@@ -78,7 +78,7 @@ def idle_cpu(ranks, seconds):
         for r in range(ranks):
             e = dict(env, KVD_RANK=str(r))
             procs.append(subprocess.Popen(
-                [f"{BUILD}/examples/idle_rank", str(seconds + 2)], env=e))
+                [f"{BUILD}/bench/idle_rank", str(seconds + 2)], env=e))
         time.sleep(1.0)
 
         def ticks(pid):
@@ -204,7 +204,7 @@ def main():
         print(f"#  {size_label(s):>6} {c['busbw_gbs']:8.2f} {z['busbw_gbs']:8.2f} "
               f"{(mm['busbw_gbs'] if mm else float('nan')):8.2f}   p50 {c['p50_us']:.1f} / "
               f"{z['p50_us']:.1f} / {(mm['p50_us'] if mm else float('nan')):.1f}")
-    if os.path.exists(f"{BUILD}/examples/idle_rank"):
+    if os.path.exists(f"{BUILD}/bench/idle_rank"):
         kp, rp = idle_cpu(4, 10)
         print(f"# idle, 4 ranks connected, one waiting in a round, 10 s: kvd {kp:.2f}% "
               f"of a core, busiest rank {rp:.2f}%")

@@ -19,6 +19,7 @@
  * period: a loop that hangs stops pinging, and systemd restarts kvd.
  */
 #include <errno.h>
+#include <poll.h>
 #include <fcntl.h>
 #include <liburing.h>
 #include <signal.h>
@@ -47,6 +48,7 @@ enum tag {
 	T_WATCHDOG = 4,
 	T_STATUS = 5,
 	T_CKPT = 6, /* a checkpoint's write, fsync or read */
+	T_LISTEN = 7, /* out of descriptors: wait for a connection without taking one */
 };
 
 #define CKPT_CHUNK (1u << 30)        /* bytes per io_uring read or write */
@@ -88,6 +90,7 @@ struct ctl {
 	double status_last;                 /* when the last STATUS= went out */
 
 	int spare_fd;      /* held for refuse_no_fds() */
+	struct __kernel_timespec listen_retry; /* arm_listen_poll() without a spare */
 	uint64_t refused;  /* connections refused for want of descriptors */
 
 	/* checkpoints: the engine hands finished ones back on ckpt_done */
@@ -118,6 +121,25 @@ static void arm_accept(struct ctl *x)
 
 	io_uring_prep_multishot_accept(s, x->d->cfg.listen_fd, NULL, NULL, SOCK_CLOEXEC);
 	io_uring_sqe_set_data(s, tagged(NULL, T_ACCEPT));
+}
+
+/*
+ * io_uring's accept takes a descriptor before it looks for a connection, so
+ * with the table full it fails at once, connection or not: re-arming it then
+ * would spin.  A poll needs no descriptor; accepting resumes when it fires.
+ */
+static void arm_listen_poll(struct ctl *x)
+{
+	struct io_uring_sqe *s = get_sqe(x);
+
+	if (x->spare_fd < 0) {
+		/* no spare to refuse with: the backlog stays, so a poll would fire
+		   at once; look again in 100 ms */
+		x->listen_retry = (struct __kernel_timespec){ .tv_nsec = 100000000 };
+		io_uring_prep_timeout(s, &x->listen_retry, 0, 0);
+	} else
+		io_uring_prep_poll_add(s, x->d->cfg.listen_fd, POLLIN);
+	io_uring_sqe_set_data(s, tagged(NULL, T_LISTEN));
 }
 
 static void arm_recv(struct ctl *x, struct conn *cn)
@@ -942,14 +964,21 @@ static void on_cqe(struct ctl *x, struct io_uring_cqe *cqe)
 
 	switch (t) {
 	case T_ACCEPT:
+		if (cqe->res == -EMFILE || cqe->res == -ENFILE) {
+			refuse_no_fds(x, -cqe->res);
+			if (!(cqe->flags & IORING_CQE_F_MORE))
+				arm_listen_poll(x);
+			break;
+		}
 		if (cqe->res >= 0)
 			on_accept(x, cqe->res);
-		else if (cqe->res == -EMFILE || cqe->res == -ENFILE)
-			refuse_no_fds(x, -cqe->res);
 		else if (cqe->res != -EINTR && cqe->res != -ECONNABORTED)
 			kvd_log("accept: %s", strerror(-cqe->res));
 		if (!(cqe->flags & IORING_CQE_F_MORE))
 			arm_accept(x);
+		break;
+	case T_LISTEN:
+		arm_accept(x); /* a connection waits (or the poll failed): try again */
 		break;
 	case T_SIGNAL:
 		if (cqe->res == (int)sizeof(x->si))

@@ -344,7 +344,10 @@ static int wait_round(struct local *l, struct lkey *k, uint32_t target, uint32_t
 			return KV_OK;
 		/* spin on the round alone; the board is looked at when the spin ends */
 		if (now_ns() < spin_until) {
-			cpu_relax();
+			if (l->crowded)
+				sched_yield();
+			else
+				cpu_relax();
 			continue;
 		}
 		st = __atomic_load_n(&l->board->state, __ATOMIC_SEQ_CST);

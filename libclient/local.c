@@ -989,6 +989,13 @@ int local_create(const struct kv_resolved *o, struct local **out, char *err)
 	l->o = *o;
 	l->doorbell = -1;
 	l->free_op = NO_OP;
+	{
+		/* more ranks than CPUs to run on: a spinning waiter yields, since the
+		   rank it waits for may need this CPU */
+		cpu_set_t cpus;
+		l->crowded = sched_getaffinity(0, sizeof(cpus), &cpus) == 0 &&
+			     o->num_workers > CPU_COUNT(&cpus);
+	}
 	l->sock = connect_kvd(o->socket, err);
 	if (l->sock < 0) {
 		rc = l->sock;

@@ -88,6 +88,7 @@ struct local {
 	uint32_t seq;
 	void *stream;   /* cudaStream_t for GPU tensors (kv_set_stream); NULL: legacy */
 	bool gpu;       /* a GPU is usable: segments are pinned, device pointers work */
+	bool crowded;   /* the job has more ranks than this process has CPUs */
 	bool dead;
 	int dead_code;
 	char dead_why[256];
