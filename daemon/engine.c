@@ -839,7 +839,12 @@ static void do_round(struct engine *e, struct contrib *x)
 	struct part *p = &k->parts[x->sqe.part];
 	int r = x->c->rank;
 
-	if (job_broken(j) || e->shutting_down || x->sqe.user_data == x->c->failed_ud) {
+	/* an op that began before a rank left (by the epoch libkv read then)
+	 * fails whole: its later parts must not meet a replacement's in a round
+	 * while its earlier ones were summed with the rank that left */
+	bool stale = j->left_once && (int32_t)(x->sqe.in.tag - j->leave_epoch) < 0;
+
+	if (job_broken(j) || e->shutting_down || stale || x->sqe.user_data == x->c->failed_ud) {
 		/* the op's other parts fail too, even once the job is whole again */
 		complete(e, x, e->shutting_down ? KV_ERR_DAEMON : KV_ERR_PEER, p->rounds_done);
 		return;
@@ -1236,6 +1241,10 @@ static void on_leave(struct engine *e, struct client *c, bool last)
 	 * cleared by the control thread already (before a replacement could join) */
 	if (j->complete_once && !j->dropped && !e->shutting_down)
 		job_board_set(j, KV_BOARD_BROKEN);
+	if (j->complete_once) {
+		j->left_once = true;
+		j->leave_epoch = __atomic_load_n(&j->board->epoch, __ATOMIC_SEQ_CST);
+	}
 	if (j->complete_once)
 		job_fail_pending(e, j, c->rank, KV_ERR_PEER);
 	if (last)

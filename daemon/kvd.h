@@ -175,6 +175,8 @@ struct job {
 	struct client **eng_ranks;
 	int eng_present;
 	bool complete_once;  /* every rank has been present at once */
+	bool left_once;      /* [engine] a rank has left since complete_once */
+	uint32_t leave_epoch; /* [engine] the board epoch set when a rank last left */
 	bool dropped;
 	bool gone;           /* the last rank left: free once busy == 0 */
 	int busy;            /* tasks on workers */

@@ -839,6 +839,8 @@ int local_op(struct local *l, uint8_t opc, const char *key, const void *const *s
 				op->outs[op->nout++] = outs[i];
 	}
 
+	/* every part carries the epoch the op began in (kv_sqe) */
+	in_loc.tag = __atomic_load_n(&l->board->epoch, __ATOMIC_SEQ_CST);
 	for (uint32_t p = 0; p < k->nparts; p++) {
 		size_t off = (size_t)p * k->part_elems * esize;
 		uint64_t left = count - (uint64_t)p * k->part_elems;

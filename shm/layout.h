@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 #define KV_SHM_MAGIC 0x3a64766bu /* "kvd:" in little-endian bytes */
-#define KV_SHM_ABI 5u
+#define KV_SHM_ABI 6u
 #define KV_CACHELINE 64
 
 /* One SPSC ring's control words, each on its own cache line. */
@@ -84,7 +84,7 @@ _Static_assert(KV_SQ_CTL_OFF % KV_CACHELINE == 0 && KV_CQ_CTL_OFF % KV_CACHELINE
 #define KV_SEG_NONE 0xffffffffu
 struct kv_loc {
 	uint32_t seg;
-	uint32_t rsvd;
+	uint32_t tag; /* a submission's in.tag: the board epoch its op began in (below) */
 	uint64_t off;
 };
 _Static_assert(sizeof(struct kv_loc) == 16, "loc size");
@@ -101,7 +101,13 @@ enum kv_op {
 	KV_OP_MAX = 7,
 };
 
-/* A submission: one part of one op on one key.  Written by the client. */
+/*
+ * A submission: one part of one op on one key.  Written by the client.
+ * in.tag carries the job board's epoch read when the op began: a part of an
+ * op that began before a rank left is refused (KV_ERR_PEER), so an op whose
+ * parts straddle a death cannot finish some parts with the old ranks and the
+ * rest in rounds with a replacement (see engine.c, do_round).
+ */
 struct kv_sqe {
 	uint8_t op;       /* enum kv_op */
 	uint8_t dtype;    /* kv_dtype */
