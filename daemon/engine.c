@@ -375,24 +375,34 @@ static bool list_remove(struct contrib **list, struct contrib *x)
 	return false;
 }
 
-static void maybe_ready(struct engine *e, struct job *j, struct key *k, uint32_t part)
+/*
+ * Every rank has a head: rank 0's op decides the round, and a rank whose op
+ * disagrees fails alone (KV_ERR_MISMATCH).  True when every head is left.
+ */
+static bool heads_agree(struct engine *e, struct part *p, int n)
 {
-	struct part *p = &k->parts[part];
-	int n = j->num_workers, kind;
-	int32_t prio;
+	int kind;
 
-	if (p->busy || p->queued || p->nready != (uint32_t)n)
-		return;
-	/* rank 0's op decides the round; a rank that disagrees fails alone */
+	if (p->nready != (uint32_t)n)
+		return false;
 	kind = op_kind(p->head[0]->sqe.op);
 	for (int r = 1; r < n; r++) {
-		if (op_kind(p->head[r]->sqe.op) != kind) {
+		while (p->head[r] && op_kind(p->head[r]->sqe.op) != kind) {
 			struct contrib *x = queue_pop(p, r);
 			p->submitted[r]--;
 			complete(e, x, KV_ERR_MISMATCH, p->rounds_done);
 		}
 	}
-	if (p->nready != (uint32_t)n)
+	return p->nready == (uint32_t)n;
+}
+
+static void maybe_ready(struct engine *e, struct job *j, struct key *k, uint32_t part)
+{
+	struct part *p = &k->parts[part];
+	int n = j->num_workers;
+	int32_t prio;
+
+	if (p->busy || p->queued || !heads_agree(e, p, n))
 		return;
 	prio = p->head[0]->sqe.priority;
 	for (int r = 1; r < n; r++)
@@ -650,8 +660,10 @@ static int run_ready(struct engine *e)
 		struct task *t;
 
 		p->queued = false;
-		if (p->busy || p->nready != (uint32_t)r.job->num_workers)
-			continue; /* changed since it was queued */
+		/* the heads may have changed since it was queued (a cancel, a
+		   rank that left, then new submissions): check them again */
+		if (p->busy || !heads_agree(e, p, r.job->num_workers))
+			continue;
 		work++;
 		t = round_task(r.job, r.key, r.part);
 		if (!t) {

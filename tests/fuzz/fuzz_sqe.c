@@ -49,7 +49,7 @@
  */
 static int kernel_checked(int rc, const char *call)
 {
-	static int off = -1; /* FUZZ_SQE_KERNEL_CHECK=0: count, go on (until the engine is fixed) */
+	static int off = -1; /* FUZZ_SQE_KERNEL_CHECK=0: count refusals, go on */
 	static unsigned long refused;
 
 	if (off < 0)
@@ -57,8 +57,9 @@ static int kernel_checked(int rc, const char *call)
 		      !strcmp(getenv("FUZZ_SQE_KERNEL_CHECK"), "0");
 	if (rc && !off) {
 		fprintf(stderr,
-			"fuzz_sqe: %s refused its arguments (%d); the engine ignores that "
-			"and completes the round with KV_OK, its results never computed\n",
+			"fuzz_sqe: %s refused its arguments (%d): the engine's checks let "
+			"through a round the kernels cannot run (it fails with "
+			"KV_ERR_INVALID on every rank)\n",
 			call, rc);
 		abort();
 	}
