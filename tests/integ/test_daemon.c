@@ -11,6 +11,7 @@
 #include <time.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -185,23 +186,30 @@ Test(daemon, max_uid_bytes_counts_all_jobs_of_a_uid, .timeout = 60)
 	cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "job a failed");
 }
 
-/* a healthy 2-rank job that keeps running rounds while the test exhausts kvd's fds */
+/*
+ * A healthy 2-rank job that keeps running rounds while the test exhausts
+ * kvd's fds.  Rank 0 alone reads the stop flag and sends it in the last
+ * element, so both ranks stop after the same round.
+ */
 static int steady_rank(int rank, int n, const struct kvd_proc *k, void *arg)
 {
 	volatile uint32_t *stop = arg;
 	kv_store *kv = open_rank(10000);
 	int32_t v[64];
-	int rounds = 0;
+	int rounds = 0, done = 0;
 
 	CHECK(kv, "open");
 	memset(v, 0, sizeof(v));
 	CHECK_RC(kv_init(kv, "steady", v, 64, KV_INT32), KV_OK);
-	while (!__atomic_load_n(stop, __ATOMIC_SEQ_CST) || rounds < 20) {
-		for (int i = 0; i < 64; i++)
+	while (!done) {
+		for (int i = 0; i < 63; i++)
 			v[i] = rank + i + rounds;
+		v[63] = rank == 0 && rounds >= 20 && __atomic_load_n(stop, __ATOMIC_SEQ_CST);
 		CHECK_RC(kv_pushpull(kv, "steady", v, NULL, 64, KV_INT32, 0), KV_OK);
-		for (int i = 0; i < 64; i++)
+		for (int i = 0; i < 63; i++)
 			CHECK(v[i] == 2 * (i + rounds) + 1, "round %d: %d", rounds, v[i]);
+		CHECK(v[63] == 0 || v[63] == 1, "round %d: stop flag %d", rounds, v[63]);
+		done = v[63];
 		rounds++;
 		usleep(2000);
 	}
@@ -229,6 +237,8 @@ Test(daemon, fd_limit_refuses_new_clients_and_serves_the_rest, .timeout = 60)
 	if (k.pid == 0) {
 		struct rlimit rl = { 48, 48 };
 		int fd = open(k.log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+
+		prctl(PR_SET_PDEATHSIG, SIGKILL); /* no stray kvd when the test fails */
 		dup2(fd, 2);
 		setrlimit(RLIMIT_NOFILE, &rl);
 		execl(kvd, kvd, "--socket", k.sock, (char *)NULL);
