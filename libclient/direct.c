@@ -130,8 +130,11 @@ void direct_unmap(struct local *l)
 	l->ndsegs = 0;
 }
 
-/* KV_OK while the job can run rounds; waits (bounded) while ranks are still joining. */
-static int board_ok(struct local *l, int64_t deadline, char *err)
+/*
+ * KV_OK while the job can run rounds (or, broken_ok, has run them: a rank
+ * left); waits (bounded) while ranks are still joining.
+ */
+static int board_wait(struct local *l, int64_t deadline, bool broken_ok, char *err)
 {
 	for (;;) {
 		uint32_t epoch = __atomic_load_n(&l->board->epoch, __ATOMIC_SEQ_CST);
@@ -142,6 +145,8 @@ static int board_ok(struct local *l, int64_t deadline, char *err)
 		case KV_BOARD_OK:
 			return KV_OK;
 		case KV_BOARD_BROKEN:
+			if (broken_ok)
+				return KV_OK;
 			return fail(err, KV_ERR_PEER,
 				    "a rank of job '%s' left or died while this op needed it",
 				    l->o.job);
@@ -172,6 +177,11 @@ static int board_ok(struct local *l, int64_t deadline, char *err)
 		futex_wait(&l->board->epoch, epoch, slice);
 		pthread_mutex_lock(&l->lock);
 	}
+}
+
+static int board_ok(struct local *l, int64_t deadline, char *err)
+{
+	return board_wait(l, deadline, false, err);
 }
 
 /*
@@ -424,11 +434,8 @@ int direct_finish(struct local *l, struct lop *op, char *err)
 /* Wait while ranks are still joining; OK once the job was whole (even if a rank left since). */
 static int board_joined(struct local *l, int64_t deadline, char *err)
 {
-	uint32_t st = __atomic_load_n(&l->board->state, __ATOMIC_SEQ_CST);
-
-	if (st == KV_BOARD_BROKEN)
-		return KV_OK;
-	return board_ok(l, deadline, err);
+	/* one read of the state decides: OK may turn BROKEN at any moment */
+	return board_wait(l, deadline, true, err);
 }
 
 static bool rank0_present(struct local *l)
