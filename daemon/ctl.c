@@ -315,8 +315,9 @@ static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	j = job_find(d, name);
 	if (j && j->uid != cn->uid &&
 	    !(d->cfg.allow_gid >= 0 && (gid_t)d->cfg.allow_gid == cn->gid)) {
-		snprintf(why, sizeof(why), "job '%s' belongs to uid %u; uid %u may not join it",
-			 name, (unsigned)j->uid, (unsigned)cn->uid);
+		snprintf(why, sizeof(why),
+			 "job '%s' belongs to another user; uid %u may not join it", name,
+			 (unsigned)cn->uid);
 		code = KV_ERR_PERM;
 		goto out_refuse;
 	}
@@ -530,8 +531,9 @@ static int on_drop(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	}
 	if (cn->uid != 0 && cn->uid != j->uid) {
 		pthread_mutex_unlock(&d->lock);
-		snprintf(why, sizeof(why), "job '%s' belongs to uid %u; only it or root may drop it",
-			 m->u.drop.job, (unsigned)j->uid);
+		snprintf(why, sizeof(why),
+			 "job '%s' belongs to another user; only its owner or root may drop it",
+			 m->u.drop.job);
 		return reply_error(cn, m->seq, KV_ERR_PERM, why);
 	}
 	/* detach it: its name is free again; its ranks are disconnected below */

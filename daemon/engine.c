@@ -146,16 +146,6 @@ static void contrib_unlink(struct contrib *x)
 	x->cnext = x->cprev = NULL;
 }
 
-static unsigned lat_bucket(uint64_t ns)
-{
-	uint64_t us = ns / 1000;
-	unsigned b = 0;
-
-	while (b < LAT_BUCKETS && us >= (1ull << b))
-		b++;
-	return b; /* bucket b: < 2^b us; LAT_BUCKETS: above all */
-}
-
 static void evict(struct kvd *d, struct client *c, const char *why)
 {
 	if (c->broken)
@@ -255,7 +245,7 @@ static void complete(struct engine *e, struct contrib *x, int status, uint64_t r
 	post(e, x->c, &x->sqe, status, round);
 	__atomic_add_fetch(&j->ops, 1, __ATOMIC_RELAXED);
 	__atomic_sub_fetch(&j->inflight, 1, __ATOMIC_RELAXED);
-	__atomic_add_fetch(&j->lat[lat_bucket(dt)], 1, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&j->lat[kv_lat_bucket(dt)], 1, __ATOMIC_RELAXED);
 	__atomic_add_fetch(&j->lat_count, 1, __ATOMIC_RELAXED);
 	__atomic_add_fetch(&j->lat_sum_ns, dt, __ATOMIC_RELAXED);
 	free(x);

@@ -33,7 +33,7 @@
 #define KVD_DEFAULT_SOCKET "/run/kvd/kvd.sock"
 #define KEY_BLOCK 1024u /* key pointers per directory block */
 #define KEY_DIR 4096u   /* directory blocks: up to 4M keys */
-#define LAT_BUCKETS 24  /* op latency histogram: 1us .. 2^22us, then +Inf */
+#define LAT_BUCKETS KV_LAT_BUCKETS /* op latency histogram: < 1us .. < 2^23us, then +Inf */
 
 struct kvd_config {
 	const char *socket_path;
@@ -182,6 +182,12 @@ struct job {
 	int busy;            /* tasks on workers */
 	struct contrib *held; /* init/pull ops held until the job is first complete */
 	struct ckpt_req *ckpt; /* checkpoints waiting for the job's workers to be idle */
+
+	/* [ctl, kvd.lock] rates for kvctl, over the time since the last sample */
+	double rate_t;        /* when the sample was taken (0: none yet) */
+	uint64_t rate_rounds, rate_bytes;
+	double rounds_per_s, bytes_per_s;
+	bool rate_valid;
 
 	/* statistics [atomic]: written by the engine, read by the control thread */
 	uint64_t rounds, bytes_reduced, ops, inflight, peak_inflight;

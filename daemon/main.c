@@ -134,6 +134,7 @@ static int parse_uint(const char *s, uint64_t max, uint64_t *out)
 static int apply(struct kvd_config *c, int opt, const char *arg, const char *name)
 {
 	uint64_t v;
+	const char *want = "";
 
 	switch (opt) {
 	case 's':
@@ -146,56 +147,67 @@ static int apply(struct kvd_config *c, int opt, const char *arg, const char *nam
 		}
 		return 0;
 	case 't':
+		want = "a number of threads, 0 to 256";
 		if (parse_uint(arg, 256, &v))
 			goto bad;
 		c->threads = (int)v;
 		return 0;
 	case OPT_MAX_JOB_BYTES:
+		want = "a size such as 512M or 4G, 0 for no limit";
 		if (parse_size(arg, &v))
 			goto bad;
 		c->max_job_bytes = v;
 		return 0;
 	case OPT_MAX_UID_BYTES:
+		want = "a size such as 512M or 4G, 0 for no limit";
 		if (parse_size(arg, &v))
 			goto bad;
 		c->max_uid_bytes = v;
 		return 0;
 	case OPT_MAX_KEYS:
+		want = "1 to 4194304";
 		if (parse_uint(arg, KEY_DIR * KEY_BLOCK, &v) || v == 0)
 			goto bad;
 		c->max_keys = (uint32_t)v;
 		return 0;
 	case OPT_MAX_RANKS:
+		want = "1 to 1024";
 		if (parse_uint(arg, KV_MAX_RANKS, &v) || v == 0)
 			goto bad;
 		c->max_ranks = (uint32_t)v;
 		return 0;
 	case OPT_MAX_CLIENTS:
+		want = "1 to 1048576";
 		if (parse_uint(arg, 1u << 20, &v) || v == 0)
 			goto bad;
 		c->max_clients = (uint32_t)v;
 		return 0;
 	case OPT_PART_SIZE:
+		want = "a multiple of 64 bytes from 4K to 256M";
 		if (parse_size(arg, &v) || v < 4096 || v > (256u << 20) || v % 64)
 			goto bad;
 		c->part_bytes = (uint32_t)v;
 		return 0;
 	case OPT_INLINE_SIZE:
+		want = "a size from 0 to 256M";
 		if (parse_size(arg, &v) || v > (256u << 20))
 			goto bad;
 		c->inline_bytes = (uint32_t)v;
 		return 0;
 	case OPT_PINNED_LIMIT:
+		want = "a size such as 8G, 0 for no limit";
 		if (parse_size(arg, &v))
 			goto bad;
 		c->pinned_limit = v;
 		return 0;
 	case OPT_DIRECT_MAX:
+		want = "a size from 0 (no direct rounds) to 256M";
 		if (parse_size(arg, &v) || v > (256u << 20))
 			goto bad;
 		c->direct_max = v;
 		return 0;
 	case OPT_ALLOW_GROUP:
+		want = "a numeric group id";
 		if (parse_uint(arg, UINT32_MAX - 1, &v))
 			goto bad;
 		c->allow_gid = (long)v;
@@ -203,7 +215,7 @@ static int apply(struct kvd_config *c, int opt, const char *arg, const char *nam
 	}
 	return -1;
 bad:
-	fprintf(stderr, "kvd: invalid value for --%s: '%s'\n", name, arg);
+	fprintf(stderr, "kvd: invalid value for --%s: '%s' (want %s)\n", name, arg, want);
 	return -1;
 }
 
@@ -250,8 +262,10 @@ static int read_config(struct kvd_config *c, const char *path)
 			fprintf(stderr, "kvd: %s:%d: unknown option '%s'\n", path, lineno, name);
 			goto out_bad;
 		}
-		if (apply(c, o->val, val, o->name))
+		if (apply(c, o->val, val, o->name)) {
+			fprintf(stderr, "kvd: (%s, line %d)\n", path, lineno);
 			goto out_bad;
+		}
 	}
 	fclose(f);
 	return 0;
@@ -309,8 +323,14 @@ static bool answers(int fd)
 static int listen_on(const char *path)
 {
 	struct sockaddr_un a = { .sun_family = AF_UNIX };
+	struct stat st;
 	int fd, probe;
 
+	if (strlen(path) >= sizeof(a.sun_path)) {
+		fprintf(stderr, "kvd: the socket path %s is longer than %zu bytes\n", path,
+			sizeof(a.sun_path) - 1);
+		return -1;
+	}
 	snprintf(a.sun_path, sizeof(a.sun_path), "%s", path);
 	if (make_parent(path) < 0) {
 		fprintf(stderr, "kvd: cannot create the directory of %s: %s\n", path,
@@ -327,6 +347,12 @@ static int listen_on(const char *path)
 	}
 	if (probe >= 0)
 		close(probe);
+	/* only a socket is ever removed: a path naming anything else is a mistake */
+	if (lstat(path, &st) == 0 && !S_ISSOCK(st.st_mode)) {
+		fprintf(stderr, "kvd: %s exists and is not a socket; refusing to replace it\n",
+			path);
+		return -1;
+	}
 	if (unlink(path) < 0 && errno != ENOENT) {
 		fprintf(stderr, "kvd: cannot remove the stale socket %s: %s\n", path,
 			strerror(errno));

@@ -57,18 +57,54 @@ __attribute__((format(printf, 2, 3))) static void sb_printf(struct sb *b, const 
 	}
 }
 
-/* A JSON string: quotes, backslashes and control bytes escaped. */
+/* Length of the well-formed UTF-8 sequence at s[0..n), or 0 (RFC 3629). */
+static size_t utf8_seq(const unsigned char *s, size_t n)
+{
+	size_t len;
+	uint32_t cp;
+
+	if (s[0] < 0x80)
+		return 1;
+	if (s[0] >= 0xc2 && s[0] <= 0xdf)
+		len = 2, cp = s[0] & 0x1f;
+	else if (s[0] >= 0xe0 && s[0] <= 0xef)
+		len = 3, cp = s[0] & 0x0f;
+	else if (s[0] >= 0xf0 && s[0] <= 0xf4)
+		len = 4, cp = s[0] & 0x07;
+	else
+		return 0;
+	if (len > n)
+		return 0;
+	for (size_t i = 1; i < len; i++) {
+		if ((s[i] & 0xc0) != 0x80)
+			return 0;
+		cp = cp << 6 | (s[i] & 0x3f);
+	}
+	if ((len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) ||
+	    (len == 4 && (cp < 0x10000 || cp > 0x10ffff)))
+		return 0;
+	return len;
+}
+
+/* A JSON string: quotes, backslashes and control bytes escaped; a byte that
+ * is not part of well-formed UTF-8 (key names are any bytes) is written as
+ * the code point of the same number, so the output is always valid JSON. */
 static void sb_json_str(struct sb *b, const char *s, size_t n)
 {
+	const unsigned char *u = (const unsigned char *)s;
+
 	sb_printf(b, "\"");
-	for (size_t i = 0; i < n; i++) {
-		unsigned char c = (unsigned char)s[i];
+	for (size_t i = 0; i < n;) {
+		unsigned char c = u[i];
+		size_t len = utf8_seq(u + i, n - i);
+
 		if (c == '"' || c == '\\')
 			sb_printf(b, "\\%c", c);
-		else if (c < 0x20 || c == 0x7f)
+		else if (c < 0x20 || c == 0x7f || len == 0)
 			sb_printf(b, "\\u%04x", c);
 		else
-			sb_printf(b, "%c", c);
+			sb_printf(b, "%.*s", (int)len, s + i);
+		i += len ? len : 1;
 	}
 	sb_printf(b, "\"");
 }
@@ -89,9 +125,52 @@ static uint64_t job_bytes_reduced(const struct job *j)
 	return ld(&j->bytes_reduced) + ld(&j->board->bytes);
 }
 
+/*
+ * Rounds and bytes per second over the interval since the last sample; a
+ * sample is taken when a status request finds the last one a second old or
+ * more (so `kvctl watch` sees the last second, a lone request the time since
+ * the previous one, and the first one the time since the job began).
+ */
+static void job_rates(struct job *j, double now)
+{
+	uint64_t rounds = job_rounds(j), bytes = job_bytes_reduced(j);
+	double dt;
+
+	if (j->rate_t == 0)
+		j->rate_t = j->created; /* nothing was reduced before the job was made */
+	dt = now - j->rate_t;
+	if (dt < 1.0 && j->rate_valid)
+		return;
+	j->rounds_per_s = dt > 0 ? (double)(rounds - j->rate_rounds) / dt : 0;
+	j->bytes_per_s = dt > 0 ? (double)(bytes - j->rate_bytes) / dt : 0;
+	j->rate_valid = true;
+	if (dt >= 1.0) {
+		j->rate_t = now;
+		j->rate_rounds = rounds;
+		j->rate_bytes = bytes;
+	}
+}
+
 static uint64_t job_ops(const struct job *j)
 {
 	return ld(&j->ops);
+}
+
+/* The direct rounds' histogram, kept by the ranks on the job board. */
+static const struct kv_board_lat *board_lat(const struct job *j)
+{
+	return (const struct kv_board_lat *)((const uint8_t *)j->board + KV_BOARD_LAT_OFF);
+}
+
+/* Bucket b of the job's latency histogram: the engine's ops and the direct rounds. */
+static uint64_t lat_bucket_n(const struct job *j, int b)
+{
+	return ld(&j->lat[b]) + ld(&board_lat(j)->bucket[b]);
+}
+
+static uint64_t lat_sum_ns(const struct job *j)
+{
+	return ld(&j->lat_sum_ns) + ld(&board_lat(j)->sum_ns);
 }
 
 /* The q-quantile of a job's latency histogram in microseconds (0 if empty). */
@@ -100,15 +179,15 @@ static double lat_quantile(const struct job *j, double q)
 	uint64_t total = 0, cum = 0, want;
 
 	for (int b = 0; b <= LAT_BUCKETS; b++)
-		total += ld(&j->lat[b]);
+		total += lat_bucket_n(j, b);
 	if (!total)
 		return 0;
 	want = (uint64_t)ceil(q * (double)total);
-	if (want == 0)
-		want = 1;
+	if (want == 0 || want > total) /* the ranks write the board: guard every sum */
+		want = total;
 	for (int b = 0; b <= LAT_BUCKETS; b++) {
-		uint64_t in = ld(&j->lat[b]);
-		if (cum + in >= want) {
+		uint64_t in = lat_bucket_n(j, b);
+		if (in && cum + in >= want) {
 			double lo = b == 0 ? 0 : ldexp(1, b - 1), hi = ldexp(1, b);
 			/* linear inside the bucket [2^(b-1), 2^b) us */
 			return lo + (hi - lo) * (double)(want - cum) / (double)in;
@@ -219,6 +298,7 @@ static void render_json(struct kvd *d, struct sb *b, uid_t viewer)
 	for (struct job *j = d->jobs; j; j = j->next) {
 		if (!visible(j, viewer))
 			continue;
+		job_rates(j, kvd_now());
 		sb_printf(b, "%s{\"name\": ", first ? "" : ", ");
 		first = false;
 		sb_json_str(b, j->name, strlen(j->name));
@@ -234,15 +314,15 @@ static void render_json(struct kvd *d, struct sb *b, uid_t viewer)
 		sb_printf(b,
 			  "], \"keys\": %u, \"rounds\": %llu, \"bytes_reduced\": %llu, "
 			  "\"bytes\": %llu, \"ops\": %llu, \"inflight\": %llu, "
-			  "\"peak_inflight\": %llu, "
+			  "\"peak_inflight\": %llu, \"rounds_per_s\": %.1f, \"bytes_per_s\": %.0f, "
 			  "\"latency_us\": {\"p50\": %.1f, \"p99\": %.1f}, \"stalled\": [",
 			  __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE),
 			  (unsigned long long)job_rounds(j),
 			  (unsigned long long)job_bytes_reduced(j),
 			  (unsigned long long)ld(&j->bytes), (unsigned long long)ld(&j->ops),
 			  (unsigned long long)ld(&j->inflight),
-			  (unsigned long long)ld(&j->peak_inflight), lat_quantile(j, 0.5),
-			  lat_quantile(j, 0.99));
+			  (unsigned long long)ld(&j->peak_inflight), j->rounds_per_s,
+			  j->bytes_per_s, lat_quantile(j, 0.5), lat_quantile(j, 0.99));
 		{
 			uint8_t missing[KV_MAX_RANKS];
 			struct stalled st = { .missing = missing };
@@ -300,17 +380,18 @@ static void render_text(struct kvd *d, struct sb *b, uid_t viewer, bool jobs_onl
 			  KV_VERSION, kvd_now() - d->start, d->cfg.threads, njobs,
 			  (unsigned long long)ld(&d->shared_bytes),
 			  (unsigned long long)ld(&d->pinned_bytes), gpu_status());
-	sb_printf(b, "%-24s %6s %7s %6s %10s %14s %9s %9s\n", "JOB", "UID", "RANKS", "KEYS",
-		  "ROUNDS", "BYTES_REDUCED", "P50_US", "P99_US");
+	sb_printf(b, "%-24s %6s %7s %6s %10s %14s %9s %8s %9s %9s\n", "JOB", "UID", "RANKS",
+		  "KEYS", "ROUNDS", "BYTES_REDUCED", "ROUNDS/S", "MB/S", "P50_US", "P99_US");
 	for (struct job *j = d->jobs; j; j = j->next) {
 		if (!visible(j, viewer))
 			continue;
-		sb_printf(b, "%-24s %6u %3d/%-3d %6u %10llu %14llu %9.1f %9.1f\n", j->name,
-			  (unsigned)j->uid, j->present, j->num_workers,
+		job_rates(j, kvd_now());
+		sb_printf(b, "%-24s %6u %3d/%-3d %6u %10llu %14llu %9.1f %8.1f %9.1f %9.1f\n",
+			  j->name, (unsigned)j->uid, j->present, j->num_workers,
 			  __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE),
 			  (unsigned long long)job_rounds(j),
-			  (unsigned long long)job_bytes_reduced(j), lat_quantile(j, 0.5),
-			  lat_quantile(j, 0.99));
+			  (unsigned long long)job_bytes_reduced(j), j->rounds_per_s,
+			  j->bytes_per_s / 1e6, lat_quantile(j, 0.5), lat_quantile(j, 0.99));
 		if (jobs_only)
 			continue;
 		for (int r = 0; r < j->num_workers; r++) {
@@ -392,21 +473,22 @@ static void render_metrics(struct kvd *d, struct sb *b, uid_t viewer)
 					  (unsigned long long)counters[i].get(j));
 	}
 	metric_head(b, "kvd_op_latency_seconds", "histogram",
-		    "Time from kvd taking an op part to its completion.");
+		    "Engine rounds: time from kvd taking an op part to its completion; "
+		    "direct rounds: from the first rank's arrival to the result.");
 	for (struct job *j = d->jobs; j; j = j->next) {
 		uint64_t cum = 0;
 		if (!visible(j, viewer))
 			continue;
 		for (int k = 0; k < LAT_BUCKETS; k++) {
-			cum += ld(&j->lat[k]);
+			cum += lat_bucket_n(j, k);
 			sb_printf(b, "kvd_op_latency_seconds_bucket{job=\"%s\",le=\"%g\"} %llu\n",
 				  j->name, ldexp(1, k) * 1e-6, (unsigned long long)cum);
 		}
-		cum += ld(&j->lat[LAT_BUCKETS]);
+		cum += lat_bucket_n(j, LAT_BUCKETS);
 		sb_printf(b, "kvd_op_latency_seconds_bucket{job=\"%s\",le=\"+Inf\"} %llu\n",
 			  j->name, (unsigned long long)cum);
 		sb_printf(b, "kvd_op_latency_seconds_sum{job=\"%s\"} %.9f\n", j->name,
-			  (double)ld(&j->lat_sum_ns) * 1e-9);
+			  (double)lat_sum_ns(j) * 1e-9);
 		sb_printf(b, "kvd_op_latency_seconds_count{job=\"%s\"} %llu\n", j->name,
 			  (unsigned long long)cum);
 	}

@@ -271,8 +271,15 @@ static void summer(struct local *l, struct lkey *k, uint32_t done, uint32_t kind
 	dk->kind = KV_DK_NONE;
 	dk->summer = 0;
 	if (status == KV_OK) {
+		struct kv_board_lat *lat =
+			(struct kv_board_lat *)((uint8_t *)l->board + KV_BOARD_LAT_OFF);
+		uint64_t dt = now_ns() - __atomic_load_n(&dk->since_ns, __ATOMIC_RELAXED);
+
 		__atomic_add_fetch(&l->board->rounds, 1, __ATOMIC_RELAXED);
 		__atomic_add_fetch(&l->board->bytes, bytes, __ATOMIC_RELAXED);
+		__atomic_add_fetch(&lat->bucket[kv_lat_bucket(dt)], 1, __ATOMIC_RELAXED);
+		__atomic_add_fetch(&lat->sum_ns, dt, __ATOMIC_RELAXED);
+		__atomic_add_fetch(&lat->count, 1, __ATOMIC_RELAXED);
 		if (!__atomic_load_n(&dk->has_value, __ATOMIC_RELAXED))
 			__atomic_store_n(&dk->has_value, 1, __ATOMIC_RELEASE);
 	}

@@ -970,6 +970,11 @@ static int connect_kvd(const char *path, char *err)
 	if (connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) {
 		int e = errno;
 		close(fd);
+		if (e == EACCES || e == EPERM)
+			return fail(err, KV_ERR_PERM,
+				    "permission denied on kvd's socket %s (or its directory): "
+				    "this user may not connect",
+				    path);
 		return fail(err, KV_ERR_DAEMON, "no kvd answering on %s: %s", path, strerror(e));
 	}
 	return fd;

@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 #define KV_SHM_MAGIC 0x3a64766bu /* "kvd:" in little-endian bytes */
-#define KV_SHM_ABI 6u
+#define KV_SHM_ABI 7u
 #define KV_CACHELINE 64
 
 /* One SPSC ring's control words, each on its own cache line. */
@@ -191,10 +191,38 @@ _Static_assert(offsetof(struct kv_board, state) == 12, "board state offset");
 _Static_assert(offsetof(struct kv_board, epoch) == 16, "board epoch offset");
 _Static_assert(offsetof(struct kv_board, rounds) == 24, "board rounds offset");
 
-/* The board segment: the header, then one byte per rank, 1 while it is joined. */
+/* The board segment: the header, then one byte per rank, 1 while it is joined,
+ * then the latency histogram of direct rounds. */
 #define KV_BOARD_SIZE 4096u
 #define KV_BOARD_PRESENT_OFF KV_CACHELINE
 _Static_assert(KV_BOARD_PRESENT_OFF + 1024 <= KV_BOARD_SIZE, "board fits 1024 ranks");
+
+/*
+ * Round latency histograms (the engine's per job, and this one for direct
+ * rounds): bucket b counts samples under 2^b microseconds, the last one
+ * those above all.  A direct round's summer adds one sample per round, from
+ * the first rank's arrival to the published result.  Statistics only: kvd
+ * reads it for kvctl and trusts nothing in it.
+ */
+#define KV_LAT_BUCKETS 24
+struct kv_board_lat {
+	uint64_t count;
+	uint64_t sum_ns;
+	uint64_t bucket[KV_LAT_BUCKETS + 1];
+};
+#define KV_BOARD_LAT_OFF 2048u
+_Static_assert(KV_BOARD_PRESENT_OFF + 1024 <= KV_BOARD_LAT_OFF, "latency after presence");
+_Static_assert(KV_BOARD_LAT_OFF + sizeof(struct kv_board_lat) <= KV_BOARD_SIZE, "latency fits");
+
+static inline unsigned kv_lat_bucket(uint64_t ns)
+{
+	uint64_t us = ns / 1000;
+	unsigned b = 0;
+
+	while (b < KV_LAT_BUCKETS && us >= (1ull << b))
+		b++;
+	return b;
+}
 
 enum kv_dkind { KV_DK_NONE = 0, KV_DK_SUM = 1, KV_DK_BCAST = 2, KV_DK_MISMATCH = 3 };
 

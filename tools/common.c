@@ -164,6 +164,13 @@ char *tool_request(const char *path, uint16_t type, uint32_t what, const char *j
 
 	*code = 0;
 	*msg = NULL;
+	if (fd < 0 && (errno == EACCES || errno == EPERM)) {
+		*code = KV_ERR_PERM;
+		snprintf(sentence, sizeof(sentence),
+			 "permission denied on kvd's socket %s (or its directory)", path);
+		*msg = sentence;
+		return NULL;
+	}
 	if (fd < 0) {
 		*code = KV_ERR_DAEMON;
 		snprintf(sentence, sizeof(sentence), "no kvd answering on %s", path);

@@ -57,7 +57,7 @@ static const char usage[] =
 	"\n"
 	"Columns: size (bytes per key), count (elements per key), type, p50 and p99 of\n"
 	"the step time in microseconds, algbw = bytes of the step's ops / time,\n"
-	"busbw = algbw * 2(n-1)/n (GB/s = 1e9 bytes/s).\n"
+	"busbw = algbw * 2(n-1)/n, algbw itself with one rank (GB/s = 1e9 bytes/s).\n"
 	"Exit status: 0 when every result was right, 1 on a wrong result or a failed\n"
 	"op, 2 on a bad command line.\n";
 
@@ -460,17 +460,20 @@ int main(int argc, char **argv)
 			goto usage_err;
 		}
 	}
-	if (optind < argc)
+	if (optind < argc) {
+		fprintf(stderr, "kvbench: unexpected argument '%s'\n", argv[optind]);
 		goto usage_err;
+	}
 	if (C.async && C.op != OP_PUSHPULL) {
 		fprintf(stderr, "kvbench: --async works with --op pushpull only\n");
 		return 2;
 	}
 	{
-		char *list = strdup(sizes), *save = NULL;
-		for (char *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-			if (C.nsizes == 32 || parse_size(t, &C.sizes[C.nsizes])) {
-				fprintf(stderr, "kvbench: bad size '%s'\n", t);
+		char *list = strdup(sizes), *rest = list, *t;
+		while (list && (t = strsep(&rest, ","))) {
+			if (C.nsizes == 32 || !*t || parse_size(t, &C.sizes[C.nsizes])) {
+				fprintf(stderr, "kvbench: bad size '%s' in --sizes '%s'%s\n", t, sizes,
+					C.nsizes == 32 ? " (at most 32 sizes)" : "");
 				free(list);
 				return 2;
 			}
@@ -603,8 +606,12 @@ int main(int argc, char **argv)
 	return 0;
 
 bad:
-	fprintf(stderr, "kvbench: bad value '%s' for --%s\n", optarg,
-		opts[0].name ? argv[optind - 1] + 2 : "?");
+	for (const struct option *o = opts; o->name; o++)
+		if (o->val == opt) {
+			fprintf(stderr, "kvbench: bad value '%s' for --%s\n", optarg, o->name);
+			goto usage_err;
+		}
+	fprintf(stderr, "kvbench: bad value '%s'\n", optarg);
 usage_err:
 	fprintf(stderr, "Try 'kvbench --help'.\n");
 	return 2;

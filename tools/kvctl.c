@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -104,6 +105,10 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	cmd = argv[optind++];
+	if (json && strcmp(cmd, "status")) {
+		fprintf(stderr, "kvctl: --json goes with status only\n");
+		return 2;
+	}
 	if (!strcmp(cmd, "status")) {
 		for (; optind < argc; optind++) {
 			if (!strcmp(argv[optind], "--json"))
@@ -150,8 +155,15 @@ int main(int argc, char **argv)
 		if (optind < argc) {
 			char *end;
 			secs = strtod(argv[optind], &end);
-			if (*end || secs <= 0) {
-				fprintf(stderr, "kvctl: watch: bad interval '%s'\n", argv[optind]);
+			/* written this way round, NaN fails too */
+			if (end == argv[optind] || *end || !(secs >= 0.1 && secs <= 86400)) {
+				fprintf(stderr,
+					"kvctl: watch: bad interval '%s' (seconds, 0.1 to 86400)\n",
+					argv[optind]);
+				return 2;
+			}
+			if (optind + 1 < argc) {
+				fprintf(stderr, "kvctl: watch takes one interval\n");
 				return 2;
 			}
 		}
@@ -165,7 +177,10 @@ int main(int argc, char **argv)
 			fflush(stdout);
 			if (rc)
 				return rc;
-			usleep((useconds_t)(secs * 1e6));
+			struct timespec ts = { .tv_sec = (time_t)secs,
+					       .tv_nsec = (long)((secs - (double)(time_t)secs) * 1e9) };
+			while (!stop && nanosleep(&ts, &ts) < 0)
+				;
 		}
 		return 0;
 	}

@@ -10,6 +10,7 @@
  * status.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
@@ -22,6 +23,7 @@
 
 #include "common.h"
 #include "kv.h"
+#include "../shm/msg.h"
 
 static const char usage[] =
 	"Usage: kvrun -n N [OPTION]... -- CMD [ARG]...\n"
@@ -44,8 +46,10 @@ static const char usage[] =
 	"  -V, --version          show the version and exit\n"
 	"\n"
 	"Exit status: 0 when every rank exits 0; else the status of the first rank that\n"
-	"failed (128+N when it was killed by signal N); 2 on a bad command line; 1 when\n"
-	"kvrun itself failed (no kvd could be started, fork failed).\n";
+	"failed (128+N when it was killed by signal N); 128+N when kvrun itself got\n"
+	"signal N and forwarded it, even if every rank then exited 0 (the run did not\n"
+	"finish); 2 on a bad command line; 1 when kvrun itself failed (no kvd could be\n"
+	"started, the --kvd-log file cannot be opened, fork failed).\n";
 
 static pid_t *ranks;
 static int nranks;
@@ -138,6 +142,20 @@ int main(int argc, char **argv)
 			snprintf(jobbuf, sizeof(jobbuf), "kvrun-%d", (int)getpid());
 			job = jobbuf;
 		}
+	}
+	if (!kv_job_name_valid(job, strlen(job))) {
+		fprintf(stderr, "kvrun: '%s' is not a valid job name (1-%u bytes of A-Z a-z 0-9 . _ -)\n",
+			job, KV_JOB_MAX);
+		return 2;
+	}
+	if (kvd_log) {
+		int fd = open(kvd_log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+		if (fd < 0) {
+			fprintf(stderr, "kvrun: cannot open --kvd-log %s: %s\n", kvd_log,
+				strerror(errno));
+			return 1;
+		}
+		close(fd);
 	}
 	if (!sock)
 		sock = tool_default_socket();

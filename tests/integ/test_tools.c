@@ -170,6 +170,10 @@ Test(kvrun, usage_errors, .timeout = 30)
 	cr_assert_eq(sh("%s -n 0 -- true 2>/dev/null", kvrun), 2);
 	cr_assert_eq(sh("%s -n 2 2>/dev/null", kvrun), 2, "a command is required");
 	cr_assert_eq(sh("%s --help > /dev/null", kvrun), 0);
+	cr_assert_eq(sh("%s -n 1 --job 'bad name' -- true 2>/dev/null", kvrun), 2,
+		     "an invalid job name is a bad command line");
+	cr_assert_eq(sh("%s -n 1 --kvd-log /nonexistent/dir/log -- true 2>/dev/null", kvrun), 1,
+		     "a log file that cannot be opened is an error");
 }
 
 Test(kvctl, status_json_and_metrics, .timeout = 60)
@@ -200,8 +204,46 @@ Test(kvctl, status_json_and_metrics, .timeout = 60)
 	cr_assert_eq(sh("%s --socket %s/none status 2>%s", kvctl, k.dir, out), 1);
 	cr_assert_not_null(strstr(slurp(out), "no kvd answering on"), "%s", slurp(out));
 	cr_assert_eq(sh("%s --socket %s bogus 2>/dev/null", kvctl, k.sock), 2);
+	/* intervals that are not a number of seconds in range are refused */
+	static const char *const bad_watch[] = { "0", "inf", "nan", "1e400", "4295000", "x", "" };
+	for (size_t i = 0; i < sizeof(bad_watch) / sizeof(bad_watch[0]); i++)
+		cr_assert_eq(sh("%s --socket %s watch '%s' 2>/dev/null", kvctl, k.sock,
+				bad_watch[i]),
+			     2, "watch '%s'", bad_watch[i]);
+	cr_assert_eq(sh("%s --socket %s metrics --json 2>/dev/null", kvctl, k.sock), 2,
+		     "--json goes with status only");
+	cr_assert_eq(sh("%s --socket %s --json jobs 2>/dev/null", kvctl, k.sock), 2);
 	unlink(out);
 	kvd_stop(&k);
+}
+
+Test(kvbench, usage_errors_name_the_option, .timeout = 30)
+{
+	char kvbench[512], out[] = "/tmp/kvbench-err.XXXXXX";
+	int fd = mkstemp(out);
+	static const struct {
+		const char *args, *want;
+	} cases[] = {
+		{ "-n 0", "bad value '0' for --ranks" },
+		{ "--op foo", "bad value 'foo' for --op" },
+		{ "--iters -1", "bad value '-1' for --iters" },
+		{ "--async 0 --sizes 4K", "bad value '0' for --async" },
+		{ "--sizes ''", "bad size ''" },
+		{ "--sizes 4K,,8K", "bad size ''" },
+		{ "--sizes 4Q", "bad size '4Q'" },
+		{ "extra", "unexpected argument 'extra'" },
+	};
+
+	cr_assert_geq(fd, 0);
+	close(fd);
+	bin_path("kvbench", kvbench, sizeof(kvbench));
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		cr_assert_eq(sh("%s %s 2>%s", kvbench, cases[i].args, out), 2, "%s",
+			     cases[i].args);
+		cr_assert_not_null(strstr(slurp(out), cases[i].want), "kvbench %s: %s",
+				   cases[i].args, slurp(out));
+	}
+	unlink(out);
 }
 
 Test(kvd, refuses_a_second_daemon_and_removes_a_stale_socket, .timeout = 30)
@@ -239,8 +281,19 @@ Test(kvd, refuses_a_second_daemon_and_removes_a_stale_socket, .timeout = 30)
 	kill(p, SIGTERM);
 	waitpid(p, NULL, 0);
 	k2.pid = 0;
-	kvd_stop(&k2);
 	cr_assert(ok, "kvd started over a stale socket file");
+	/* anything else at the path is not kvd's to remove */
+	char file[600], lnk[600];
+	snprintf(file, sizeof(file), "%s/precious", k2.dir);
+	snprintf(lnk, sizeof(lnk), "%s/link", k2.dir);
+	cr_assert_eq(sh("echo precious > %s && ln -s %s %s", file, file, lnk), 0);
+	cr_assert_eq(sh("%s --socket %s 2>/dev/null", kvd, file), 1, "a regular file is refused");
+	cr_assert_eq(sh("%s --socket %s 2>/dev/null", kvd, lnk), 1, "a symbolic link is refused");
+	cr_assert_eq(sh("grep -qx precious %s && test -L %s", file, lnk), 0,
+		     "the file and the link are untouched");
+	unlink(lnk);
+	unlink(file);
+	kvd_stop(&k2);
 	cr_assert_eq(sh("%s --bogus 2>/dev/null", kvd), 2);
 	cr_assert_eq(sh("%s --help > /dev/null", kvd), 0);
 }
@@ -256,7 +309,7 @@ static int stalled_rank(int rank, int n, const struct kvd_proc *k, void *arg)
 	kv_ticket t1, t2;
 
 	CHECK(kv && a && b, "open");
-	CHECK_RC(kv_init(kv, "small", a, 100, KV_FLOAT32), KV_OK);
+	CHECK_RC(kv_init(kv, "small\xff", a, 100, KV_FLOAT32), KV_OK);
 	CHECK_RC(kv_init(kv, "big", b, big, KV_FLOAT32), KV_OK);
 	if (rank == 1) {
 		char cmd[1024], kvctl[512];
@@ -269,7 +322,7 @@ static int stalled_rank(int rank, int n, const struct kvd_proc *k, void *arg)
 			 out);
 		CHECK(system(cmd) == 0, "kvctl status");
 	}
-	CHECK_RC(kv_pushpull_async(kv, "small", a, NULL, 100, KV_FLOAT32, 0, &t1), KV_OK);
+	CHECK_RC(kv_pushpull_async(kv, "small\xff", a, NULL, 100, KV_FLOAT32, 0, &t1), KV_OK);
 	CHECK_RC(kv_pushpull_async(kv, "big", b, NULL, big, KV_FLOAT32, 0, &t2), KV_OK);
 	CHECK_RC(kv_wait(kv, t1), KV_OK);
 	CHECK_RC(kv_wait(kv, t2), KV_OK);
@@ -291,10 +344,12 @@ Test(kvctl, stalled_rounds_name_the_missing_rank, .timeout = 60)
 	int rc = run_ranks(&k, "stall", 2, stalled_rank, out, 30, why, sizeof(why));
 	kvd_stop(&k);
 	cr_assert_eq(rc, 0, "%s", why);
-	/* a real JSON parser reads it; both keys wait for rank 1 */
-	cr_assert_eq(sh("python3 -c 'import json,sys; s=json.load(open(\"%s\")); "
+	/* a real JSON parser reads it (strictly UTF-8: the key name is not, its
+	 * byte 0xff comes as U+00FF); both keys wait for rank 1 */
+	cr_assert_eq(sh("python3 -c 'import json,sys; "
+			"s=json.loads(open(\"%s\", \"rb\").read().decode(\"utf-8\")); "
 			"st={x[\"key\"]: x for x in s[\"jobs\"][0][\"stalled\"]}; "
-			"assert set(st) == {\"small\", \"big\"}, st; "
+			"assert set(st) == {\"small\\u00ff\", \"big\"}, st; "
 			"assert all(x[\"waiting_for\"] == [1] and x[\"seconds\"] >= 1 "
 			"for x in st.values()), st'",
 			out),
@@ -405,7 +460,8 @@ Test(kvctl, two_jobs_json_metrics_and_drop, .timeout = 90)
 			"    assert j['keys'] == 3, j\n"
 			"    assert j['rounds'] == 2 * rounds, (name, j['rounds'])\n"
 			"    assert j['bytes_reduced'] == 2 * rounds * 8 * 4, j\n"
-			"    assert {'p50', 'p99'} <= set(j['latency_us']), j\n"
+			"    assert 0 < j['latency_us']['p50'] <= j['latency_us']['p99'], j\n"
+			"    assert j['rounds_per_s'] > 0 and j['bytes_per_s'] > 0, j\n"
 			"for key in ('version', 'uptime_s', 'memory', 'gpus'):\n"
 			"    assert key in s, key\n"
 			"PY",
@@ -442,6 +498,8 @@ Test(kvctl, two_jobs_json_metrics_and_drop, .timeout = 90)
 			"'kvd_rounds_total'} <= seen, seen\n"
 			"r = [l for l in lines if l.startswith('kvd_rounds_total{job=\"job-three\"}')]\n"
 			"assert r and r[0].endswith(' 10'), r\n"
+			"c = [l for l in lines if l.startswith('kvd_op_latency_seconds_count{job=\"job-three\"}')]\n"
+			"assert c and int(c[0].split()[1]) >= 10, c\n"
 			"PY",
 			out),
 		     0, "%s", slurp(out));
