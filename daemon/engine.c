@@ -588,6 +588,9 @@ static struct task *round_task(struct job *j, struct key *k, uint32_t part)
 	}
 	t->ptrs[nin] = part_value(k, part);
 	t->value = part_value(k, part);
+	/* a broadcast replaces the weight: an f16/bf16 key's master copy too */
+	if (kind == KIND_BCAST && p->master)
+		t->weight = p->master;
 	if (kind == KIND_SUM && opt_dtype(k->dtype)) {
 		/* pairs with the store-release in the control thread's set_optimizer */
 		const struct opt_cfg *opt = __atomic_load_n(&j->opt, __ATOMIC_ACQUIRE);
@@ -623,8 +626,16 @@ static int task_run(struct task *t)
 	uint8_t **outs = t->ptrs + t->nin;
 	int rc;
 
-	if (!t->opt.kind)
-		return round_exec(t->kind, t->dtype, t->ptrs, t->nin, outs, t->nout, t->n);
+	if (!t->opt.kind) {
+		rc = round_exec(t->kind, t->dtype, t->ptrs, t->nin, outs, t->nout, t->n);
+		if (!rc && t->kind == KIND_BCAST && t->weight)
+			for (size_t i = 0; i < t->n; i++) {
+				uint16_t h = ((const uint16_t *)t->value)[i];
+				t->weight[i] = t->dtype == KV_FLOAT16 ? half_to_float(h)
+								      : bf16_to_float(h);
+			}
+		return rc;
+	}
 	/* sum the gradient, update the weight (and its stored copy), hand it out */
 	rc = round_exec(KIND_SUM, t->dtype, t->ptrs, t->nin, outs, 1, t->n);
 	if (!rc)

@@ -801,6 +801,66 @@ Test(optimizer, mxnet_sgd_values, .timeout = 30)
 	run_job("mx-mom", 2, mx_rank, &yes, 25);
 }
 
+/* A broadcast replaces an f16/bf16 key's weight: the f32 master copy the
+ * optimizer updates too, so the next round starts from the broadcast value. */
+struct bcast_arg {
+	kv_dtype t;
+	size_t count;
+};
+
+static uint16_t bits16(kv_dtype t, double v)
+{
+	return t == KV_FLOAT16 ? f16_bits(v) : bf16_bits(v);
+}
+
+static double value16(kv_dtype t, uint16_t h)
+{
+	return t == KV_FLOAT16 ? f16_value(h) : bf16_value(h);
+}
+
+static int bcast_master_rank(int rank, int n, const struct kvd_proc *k, void *arg)
+{
+	const struct bcast_arg *a = arg;
+	kv_store *kv = open_rank(20000);
+	uint16_t *v = malloc(a->count * 2), *g = malloc(a->count * 2);
+	/* sgd lr=1 over n ranks each pushing 0.25: the weight moves by -0.25 n */
+	const double step = -0.25 * n, want[3] = { step, 10, 10 + step };
+
+	CHECK(kv && v && g, "open");
+	for (size_t i = 0; i < a->count; i++) {
+		v[i] = bits16(a->t, 0);
+		g[i] = bits16(a->t, 0.25);
+	}
+	CHECK_RC(kv_init(kv, "w", v, a->count, a->t), KV_OK);
+	CHECK_RC(kv_set_optimizer(kv, "sgd lr=1"), KV_OK);
+	for (int step_no = 0; step_no < 3; step_no++) {
+		if (step_no == 1) {
+			for (size_t i = 0; i < a->count; i++)
+				v[i] = bits16(a->t, rank == 0 ? 10 : -77);
+			CHECK_RC(kv_broadcast(kv, "w", v, v, a->count, a->t, 0), KV_OK);
+		} else {
+			CHECK_RC(kv_pushpull(kv, "w", g, v, a->count, a->t, 0), KV_OK);
+		}
+		for (size_t i = 0; i < a->count; i++)
+			CHECK(value16(a->t, v[i]) == want[step_no],
+			      "step %d, element %zu: %g, want %g", step_no, i,
+			      value16(a->t, v[i]), want[step_no]);
+	}
+	free(v);
+	free(g);
+	CHECK_RC(kv_close(kv), KV_OK);
+	return 0;
+}
+
+Test(optimizer, broadcast_replaces_the_master_copy, .timeout = 60)
+{
+	/* small keys (direct until the optimizer moves them) and a multi-part one */
+	struct bcast_arg cases[] = { { KV_FLOAT16, 16 }, { KV_BFLOAT16, 16 },
+				     { KV_FLOAT16, 700000 }, { KV_BFLOAT16, 700000 } };
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		run_job("bcast-master", 2, bcast_master_rank, &cases[i], 25);
+}
+
 /* ---------------------------------------------------------------- push, then pull */
 
 static const struct keyspec pp_key = { "pp", 500, KV_FLOAT32 };
