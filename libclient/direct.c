@@ -99,6 +99,7 @@ int direct_map(struct local *l, struct lkey *k, uint32_t dseg, uint64_t doff, ui
 	k->dk = (struct kv_dkey *)base;
 	k->inited = base + kv_dkey_inited_off();
 	k->arrived_at = (uint32_t *)(base + kv_dkey_arrived_off(n));
+	k->kinds = base + kv_dkey_kinds_off(n);
 	k->slots = base + kv_dkey_slot_off(n, bytes, 0);
 	k->results = base + kv_dkey_result_off(n, bytes, 0);
 	k->stride = kv_dkey_stride(bytes);
@@ -270,6 +271,7 @@ static void summer(struct local *l, struct lkey *k, uint32_t done, uint32_t kind
 	dk->arrived = 0;
 	dk->kind = KV_DK_NONE;
 	dk->summer = 0;
+	memset(k->kinds, KV_DK_NONE, n);
 	if (status == KV_OK) {
 		struct kv_board_lat *lat =
 			(struct kv_board_lat *)((uint8_t *)l->board + KV_BOARD_LAT_OFF);
@@ -303,6 +305,28 @@ static bool rank_present(struct local *l, uint32_t r)
 
 #define ROUND_RUNNING 1 /* round_fate: every rank arrived and the summer is alive */
 
+static const char *kind_name(uint32_t kind)
+{
+	return kind == KV_DK_BCAST ? "broadcast" : "a sum (push or pushpull)";
+}
+
+/* Did rank 0 refuse this rank's arrival (its op differs from rank 0's)? */
+static bool ejected(struct local *l, struct lkey *k)
+{
+	return __atomic_load_n(&k->kinds[l->o.rank], __ATOMIC_ACQUIRE) == KV_DK_MISMATCH;
+}
+
+/* This rank's arrival at round target was refused: forget it, report it. */
+static int fail_mismatch(struct local *l, struct lkey *k, uint32_t target, char *err)
+{
+	__atomic_store_n(&k->kinds[l->o.rank], KV_DK_NONE, __ATOMIC_RELAXED);
+	k->target = target - 1;
+	return fail(err, KV_ERR_MISMATCH,
+		    "rank 0 runs another op on key '%s' in this round; the round stays open "
+		    "for the same op as rank 0's",
+		    k->name);
+}
+
 /*
  * The job changed (a rank left, or left and was replaced) while this rank
  * waited in round target, which it arrived at under epoch: decide, under
@@ -324,6 +348,10 @@ static int round_fate(struct local *l, struct lkey *k, uint32_t target, uint32_t
 		key_unlock(dk);
 		return KV_OK;
 	}
+	if (ejected(l, k)) { /* its arrival was taken back already */
+		key_unlock(dk);
+		return fail_mismatch(l, k, target, err);
+	}
 	if (dk->epoch == epoch && dk->arrived == n) {
 		uint32_t s = dk->summer;
 		key_unlock(dk);
@@ -336,6 +364,7 @@ static int round_fate(struct local *l, struct lkey *k, uint32_t target, uint32_t
 		dk->arrived--;
 		if (dk->arrived == 0)
 			dk->kind = KV_DK_NONE;
+		k->kinds[l->o.rank] = KV_DK_NONE;
 	}
 	key_unlock(dk);
 	k->target = target - 1;
@@ -359,6 +388,17 @@ static int wait_round(struct local *l, struct lkey *k, uint32_t target, uint32_t
 
 		if (reached(done, target))
 			return KV_OK;
+		if (ejected(l, k)) {
+			/* rank 0 refused this arrival: confirm under the lock */
+			rc = key_lock(l, dk, 0, err);
+			if (rc)
+				return rc;
+			if (ejected(l, k)) {
+				key_unlock(dk);
+				return fail_mismatch(l, k, target, err);
+			}
+			key_unlock(dk); /* a newer epoch voided every arrival: see below */
+		}
 		/* spin on the round alone; the board is looked at when the spin ends */
 		if (now_ns() < spin_until) {
 			if (l->crowded)
@@ -602,15 +642,37 @@ int direct_op(struct local *l, uint8_t opc, struct lkey *k, struct lop *op,
 		/* arrivals from before a rank left are void */
 		dk->arrived = 0;
 		dk->kind = KV_DK_NONE;
+		memset(k->kinds, KV_DK_NONE, n);
 		dk->epoch = __atomic_load_n(&l->board->epoch, __ATOMIC_ACQUIRE);
 	}
 	done = __atomic_load_n(&dk->done, __ATOMIC_ACQUIRE);
-	if (dk->arrived == 0) {
-		dk->kind = kind;
-		__atomic_store_n(&dk->since_ns, now_ns(), __ATOMIC_RELAXED); /* for kvctl */
-	} else if (dk->kind != kind) {
-		dk->kind = KV_DK_MISMATCH;
+	/* rank 0's op decides the round (see kv_dkey_kinds_off) */
+	if (r != 0 && k->kinds[0] != KV_DK_NONE && k->kinds[0] != kind) {
+		uint32_t k0 = k->kinds[0];
+		key_unlock(dk);
+		return fail(err, KV_ERR_MISMATCH,
+			    "rank 0 runs %s on key '%s' in this round, this rank %s; the round "
+			    "stays open for the same op as rank 0's",
+			    kind_name(k0), k->name, kind_name(kind));
 	}
+	if (r == 0 && dk->arrived) {
+		bool refused = false;
+		for (uint32_t q = 1; q < n; q++)
+			if (k->kinds[q] != KV_DK_NONE && k->kinds[q] != kind) {
+				__atomic_store_n(&k->kinds[q], KV_DK_MISMATCH, __ATOMIC_RELEASE);
+				__atomic_store_n(&k->arrived_at[q], done, __ATOMIC_RELAXED);
+				dk->arrived--;
+				refused = true;
+			}
+		if (refused && __atomic_load_n(&dk->waiters, __ATOMIC_SEQ_CST))
+			futex_wake(&dk->done, INT32_MAX); /* they look at their kinds[] */
+	}
+	if (dk->arrived == 0 || r == 0) {
+		if (dk->arrived == 0)
+			__atomic_store_n(&dk->since_ns, now_ns(), __ATOMIC_RELAXED); /* kvctl */
+		dk->kind = kind;
+	}
+	k->kinds[r] = (uint8_t)kind;
 	__atomic_store_n(&k->arrived_at[r], done + 1, __ATOMIC_RELAXED); /* for kvctl */
 	last = ++dk->arrived == n;
 	kind = dk->kind;

@@ -32,6 +32,7 @@ struct lkey {
 	struct kv_dkey *dk;
 	uint8_t *inited;   /* one byte per rank */
 	uint32_t *arrived_at; /* per rank: the round it last arrived at */
+	uint8_t *kinds;       /* per rank: the kind it arrived with in the open round */
 	uint8_t *slots;    /* slot r at slots + r * stride */
 	uint8_t *results;  /* result i at results + i * stride */
 	uint64_t stride;

@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 #define KV_SHM_MAGIC 0x3a64766bu /* "kvd:" in little-endian bytes */
-#define KV_SHM_ABI 7u
+#define KV_SHM_ABI 8u
 #define KV_CACHELINE 64
 
 /* One SPSC ring's control words, each on its own cache line. */
@@ -163,7 +163,8 @@ static inline uint64_t kv_ring_seg_size(uint32_t sq_entries, uint32_t cq_entries
  *
  * A direct key's block, at an offset kvd hands out, 64-byte aligned:
  *   struct kv_dkey | inited[num_workers] | arrived_at[num_workers] (u32) |
- *   slot[0..n-1] | result[0..1]           (each section 64-byte aligned)
+ *   kinds[num_workers] | slot[0..n-1] | result[0..1]
+ *   (each section 64-byte aligned)
  * each slot and result kv_dkey_stride(bytes) apart.  Both sides compute the
  * geometry from their own copy of num_workers and the key's size.
  */
@@ -263,9 +264,21 @@ static inline uint64_t kv_dkey_arrived_off(uint32_t num_workers)
 	return sizeof(struct kv_dkey) + kv_dkey_stride(num_workers);
 }
 
+/*
+ * after arrived_at[]: kinds[num_workers] (u8), the enum kv_dkind each rank
+ * arrived with in the open round (KV_DK_NONE: not arrived).  Rank 0's op
+ * decides a round: a rank whose op differs is refused alone, at its arrival
+ * when rank 0 came first, else when rank 0 arrives, which marks it
+ * KV_DK_MISMATCH and takes its arrival back; the round stays open.
+ */
+static inline uint64_t kv_dkey_kinds_off(uint32_t num_workers)
+{
+	return kv_dkey_arrived_off(num_workers) + kv_dkey_stride(4ull * num_workers);
+}
+
 static inline uint64_t kv_dkey_slot_off(uint32_t num_workers, uint64_t bytes, uint32_t i)
 {
-	return kv_dkey_arrived_off(num_workers) + kv_dkey_stride(4ull * num_workers) +
+	return kv_dkey_kinds_off(num_workers) + kv_dkey_stride(num_workers) +
 	       (uint64_t)i * kv_dkey_stride(bytes);
 }
 

@@ -160,6 +160,63 @@ Test(errors, mismatch_both_then_retry, .timeout = 30)
 	run_job("mm-both", 2, mismatch_rank, &what, 25);
 }
 
+/*
+ * Rank 0's op decides a round: the last rank calls broadcast where the
+ * others call pushpull.  It alone gets KV_ERR_MISMATCH; the round stays
+ * open, and its pushpull completes it with the right sum.  late: the others
+ * are waiting when it errs (refused at its arrival); early: it arrives
+ * first and rank 0's arrival refuses it while it waits.
+ */
+static int op_mismatch_rank(int rank, int n, const struct kvd_proc *k, void *arg)
+{
+	int early = *(int *)arg;
+	kv_store *kv = open_rank(20000);
+	float v[8] = { 0 }, out[8];
+
+	CHECK(kv, "open");
+	CHECK_RC(kv_init(kv, "op", v, 8, KV_FLOAT32), KV_OK);
+	for (int round = 0; round < 2; round++) {
+		for (int i = 0; i < 8; i++)
+			v[i] = (float)((rank + 1) * 10 + i + round);
+		if (rank == n - 1) {
+			if (!early)
+				usleep(200000);
+			memset(out, 0, sizeof(out));
+			CHECK_RC(kv_broadcast(kv, "op", v, out, 8, KV_FLOAT32, 0), KV_ERR_MISMATCH);
+			CHECK(strstr(kv_last_error(kv), "rank 0"), "the detail names rank 0: %s",
+			      kv_last_error(kv));
+			for (int i = 0; i < 8; i++)
+				CHECK(out[i] == 0, "the refused broadcast wrote its output");
+		} else if (early) {
+			usleep(200000); /* the last rank waits in its broadcast by now */
+		}
+		CHECK_RC(kv_pushpull(kv, "op", v, out, 8, KV_FLOAT32, 0), KV_OK);
+		for (int i = 0; i < 8; i++) {
+			double want = 0;
+			for (int r = 0; r < n; r++)
+				want += (r + 1) * 10 + i + round;
+			CHECK(out[i] == want, "round %d elem %d: got %g, want %g", round, i,
+			      (double)out[i], want);
+		}
+	}
+	CHECK_RC(kv_close(kv), KV_OK);
+	return 0;
+}
+
+Test(errors, op_mismatch_rank0_decides_late, .timeout = 30)
+{
+	int early = 0;
+	run_job("opmm-late", 2, op_mismatch_rank, &early, 25);
+	run_job("opmm-late3", 3, op_mismatch_rank, &early, 25);
+}
+
+Test(errors, op_mismatch_rank0_decides_early, .timeout = 30)
+{
+	int early = 1;
+	run_job("opmm-early", 2, op_mismatch_rank, &early, 25);
+	run_job("opmm-early3", 3, op_mismatch_rank, &early, 25);
+}
+
 /* ---------------------------------------------------------------- no key */
 
 static int nokey_rank(int rank, int n, const struct kvd_proc *k, void *arg)
