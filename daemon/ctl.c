@@ -389,7 +389,8 @@ static int on_key_open(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	char why[384];
 	struct key *k;
 	bool created;
-	int rc = job_key_open(x->d, c->job, m, &k, &created, why, sizeof(why));
+	int rc = job_key_open(x->d, c->job, m, c->rank, &k, &created, why,
+				  sizeof(why));
 	struct kv_msg r = { .type = KV_MSG_KEY, .seq = m->seq };
 
 	if (rc)

@@ -434,8 +434,8 @@ out_free:
 	return NULL;
 }
 
-int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, struct key **out,
-		 bool *created, char *why, size_t whylen)
+int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, int rank,
+		 struct key **out, bool *created, char *why, size_t whylen)
 {
 	const char *name = m->u.key_open.name;
 	uint32_t len = m->u.key_open.name_len;
@@ -461,6 +461,11 @@ int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, struct ke
 	}
 	if (m->u.key_open.mode == KV_KEY_FIND) {
 		snprintf(why, whylen, "key '%.*s' was never initialised", (int)len, name);
+		return KV_ERR_NOKEY;
+	}
+	if (rank != 0) {
+		snprintf(why, whylen, "key '%.*s' does not exist yet: rank 0's init or broadcast "
+			 "creates it", (int)len, name);
 		return KV_ERR_NOKEY;
 	}
 	if (j->nkeys >= d->cfg.max_keys || j->nkeys >= KEY_DIR * KEY_BLOCK) {

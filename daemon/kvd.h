@@ -282,8 +282,11 @@ static inline bool key_direct(struct key *k)
 	return k->dkey && !__atomic_load_n(&k->moved, __ATOMIC_ACQUIRE);
 }
 /* Find or create; returns 0 or a KV_ERR_* with why filled. */
-int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, struct key **out,
-		 bool *created, char *why, size_t whylen);
+/* rank: the requester's; only rank 0 creates a key (its init or broadcast
+ * fixes the count and dtype), another rank's create finds KV_ERR_NOKEY
+ * until then and its libkv asks again. */
+int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, int rank,
+		 struct key **out, bool *created, char *why, size_t whylen);
 int job_charge(struct kvd *d, struct job *j, uint64_t bytes, char *why, size_t whylen);
 void job_uncharge(struct kvd *d, struct job *j, uint64_t bytes);
 

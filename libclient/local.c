@@ -375,11 +375,15 @@ static int key_get(struct local *l, const char *name, size_t count, kv_dtype t, 
 		   struct lkey **out, char *err)
 {
 	size_t len = strlen(name);
-	struct lkey *k = key_cached(l, name, len);
+	struct lkey *k;
 	struct kv_msg m = { .type = KV_MSG_KEY_OPEN }, r;
 	uint8_t rbuf[KV_MSG_MAX];
 	int rc, fd = -1;
+	int64_t deadline = l->o.timeout_ms > 0 ? now_ms() + l->o.timeout_ms : 0;
+	long pause_us = 50;
 
+again:
+	k = key_cached(l, name, len);
 	if (k) {
 		if (k->count != count || k->dtype != t)
 			return fail(err, KV_ERR_MISMATCH,
@@ -395,6 +399,23 @@ static int key_get(struct local *l, const char *name, size_t count, kv_dtype t, 
 	m.u.key_open.name_len = (uint32_t)len;
 	memcpy(m.u.key_open.name, name, len);
 	rc = request(l, &m, &r, rbuf, &fd, err);
+	if (rc == KV_ERR_NOKEY && mode == KV_KEY_CREATE && l->o.rank != 0) {
+		/* only rank 0 creates a key (its count and dtype are the key's):
+		 * wait for its init or broadcast, without holding the store */
+		if (deadline && now_ms() >= deadline)
+			return fail(err, KV_ERR_TIMEOUT,
+				    "rank 0 did not create key '%s' within %d ms (does it "
+				    "init or broadcast it?)",
+				    name, l->o.timeout_ms);
+		pthread_mutex_unlock(&l->lock);
+		usleep((useconds_t)pause_us);
+		pthread_mutex_lock(&l->lock);
+		pause_us = pause_us < 20000 ? pause_us * 2 : 20000;
+		if (l->dead)
+			return fail(err, l->dead_code, "%s", l->dead_why);
+		err[0] = '\0';
+		goto again;
+	}
 	if (rc)
 		return rc;
 	if (r.type != KV_MSG_KEY || r.u.key.count != count || r.u.key.dtype != t ||

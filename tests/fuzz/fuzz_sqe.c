@@ -134,7 +134,7 @@ static void add_key(const char *name, uint64_t count, kv_dtype t)
 	m.u.key_open.mode = KV_KEY_CREATE;
 	m.u.key_open.name_len = (uint32_t)strlen(name);
 	memcpy(m.u.key_open.name, name, m.u.key_open.name_len);
-	rc = job_key_open(&D, J, &m, &k, &created, why, sizeof(why));
+	rc = job_key_open(&D, J, &m, 0, &k, &created, why, sizeof(why));
 	FCHECK(rc == 0 && created, "key %s: %s", name, why);
 	K[NK] = (struct fkey){.id = k->id,
 			      .nparts = k->nparts,

@@ -217,6 +217,51 @@ Test(errors, op_mismatch_rank0_decides_early, .timeout = 30)
 	run_job("opmm-early3", 3, op_mismatch_rank, &early, 25);
 }
 
+/*
+ * Rank 0's init or broadcast fixes a key's count and dtype, even when
+ * another rank gets there first with a wrong count: that rank waits for
+ * rank 0, then gets KV_ERR_MISMATCH alone, and its corrected call works.
+ */
+static int first_rank1_rank(int rank, int n, const struct kvd_proc *k, void *arg)
+{
+	size_t count = *(size_t *)arg, i;
+	kv_store *kv = open_rank(20000);
+	float *v = malloc(count * sizeof(float)), *out = malloc(count * sizeof(float));
+
+	CHECK(kv && v && out, "open");
+	for (i = 0; i < count; i++)
+		v[i] = rank == 0 ? (float)(i % 1000) : -1.0f;
+	if (rank == 0) {
+		usleep(200000); /* the other ranks are waiting by now */
+		CHECK_RC(kv_init(kv, "ic", v, count, KV_FLOAT32), KV_OK);
+		CHECK_RC(kv_broadcast(kv, "bc", v, out, count, KV_FLOAT32, 0), KV_OK);
+	} else {
+		CHECK_RC(kv_init(kv, "ic", v, count / 2, KV_FLOAT32), KV_ERR_MISMATCH);
+		CHECK(strstr(kv_last_error(kv), "holds"), "the detail says what the key holds: %s",
+		      kv_last_error(kv));
+		CHECK_RC(kv_init(kv, "ic", v, count, KV_FLOAT32), KV_OK);
+		CHECK_RC(kv_broadcast(kv, "bc", NULL, out, count / 2, KV_FLOAT32, 0),
+			 KV_ERR_MISMATCH);
+		CHECK_RC(kv_broadcast(kv, "bc", NULL, out, count, KV_FLOAT32, 0), KV_OK);
+	}
+	for (i = 0; i < count; i++)
+		CHECK(out[i] == (float)(i % 1000), "broadcast elem %zu: %g", i, (double)out[i]);
+	CHECK_RC(kv_pull(kv, "ic", out, count, KV_FLOAT32, 0), KV_OK);
+	for (i = 0; i < count; i++)
+		CHECK(out[i] == (float)(i % 1000), "init elem %zu: %g", i, (double)out[i]);
+	free(v);
+	free(out);
+	CHECK_RC(kv_close(kv), KV_OK);
+	return 0;
+}
+
+Test(errors, rank0_fixes_a_key_made_first_elsewhere, .timeout = 40)
+{
+	size_t small = 8, big = 400000;
+	run_job("first1-small", 2, first_rank1_rank, &small, 25);
+	run_job("first1-big", 3, first_rank1_rank, &big, 25);
+}
+
 /* ---------------------------------------------------------------- no key */
 
 static int nokey_rank(int rank, int n, const struct kvd_proc *k, void *arg)
