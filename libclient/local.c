@@ -293,8 +293,12 @@ void *local_alloc(struct local *l, size_t bytes, char *err)
 	l->errbuf = err;
 	if (err)
 		err[0] = '\0';
-	p = arena_alloc(&l->arena, bytes);
-	if (!p && err && !err[0])
+	/* the segment request's limit (msg.c): a clear sentence rather than kvd's refusal */
+	p = bytes < (1ull << 40) ? arena_alloc(&l->arena, bytes) : NULL;
+	if (!p && err && !err[0] && bytes >= (1ull << 40))
+		fail(err, KV_ERR_NOMEM, "kv_alloc: %zu bytes is more than one shared segment "
+		     "may hold (1 TiB)", bytes);
+	else if (!p && err && !err[0])
 		fail(err, KV_ERR_NOMEM, "cannot allocate %zu bytes of shared memory", bytes);
 	l->errbuf = NULL;
 	pthread_mutex_unlock(&l->lock);

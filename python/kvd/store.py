@@ -512,6 +512,11 @@ class Store:
         ``out``, or ``value`` when ``out`` is None.
         """
         if isinstance(key, (list, tuple)):
+            if (_is_list(value) and not any(_is_list(v) for v in value)
+                    and (out is None or (_is_list(out) and not any(_is_list(o) for o in out)))):
+                # one array per key: all in flight at once, so ranks may list
+                # the keys in different orders (as with the C async calls)
+                return self.pushpull_async(key, value, out, priority).wait()
             return self._per_key(self.pushpull, key, value, out, priority)
         k = _key(key)
         vals = _as_list(value)
@@ -701,7 +706,8 @@ class Store:
             if not p:
                 # kv_alloc returns NULL without a code: the sentence tells which
                 msg = (lib().kv_last_error(ptr) or b"").decode(errors="replace")
-                if "0 bytes" in msg or "forked" in msg:
+                # the two sentences of KV_ERR_INVALID (libclient/store.c)
+                if msg == "kv_alloc: 0 bytes" or "a forked child cannot use it" in msg:
                     raise KVInvalidError(msg, KV_ERR_INVALID)
                 raise KVNoMemError(msg or "kv_alloc failed", KV_ERR_NOMEM)
             with h.lock:

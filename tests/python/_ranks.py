@@ -270,3 +270,17 @@ def threads(rank, n, sock, job):
             kv.pushpull("y", y)
             kv.pushpull("x", x)
         return (float(x[0]), float(y[0]))
+
+
+def list_orders(rank, n, sock, job):
+    """A blocking pushpull of a list of keys, listed in other orders by other
+    ranks (big keys, through kvd's engine, and small ones, direct)."""
+    with _open(rank, n, sock, job, timeout_ms=20000) as kv:
+        keys = [f"o{i}" for i in range(6)]
+        sizes = [300000 if i % 2 else 16 for i in range(6)]
+        for k, s in zip(keys, sizes):
+            kv.init(k, np.zeros(s, np.float32))
+        order = list(range(6)) if rank % 2 == 0 else list(range(6))[::-1]
+        vals = [np.full(sizes[i], float(i + 10 * rank), np.float32) for i in order]
+        got = kv.pushpull([keys[i] for i in order], vals)
+        return {keys[i]: float(g[-1]) for i, g in zip(order, got)}

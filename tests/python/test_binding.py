@@ -514,6 +514,12 @@ def test_nomem_over_the_job_limit(job):
                         timeout_ms=5000) as kv:
             with pytest.raises(kvd.KVNoMemError):
                 kv.alloc(16 << 20, np.float32)
+            # sizes whose sentence holds "0 bytes" (16814080 bytes ...) too
+            for n in (4203520, 10 << 20, 5 << 20):
+                with pytest.raises(kvd.KVNoMemError):
+                    kv.alloc(n, np.float32)
+            with pytest.raises(kvd.KVNoMemError, match="1 TiB"):
+                kv.alloc(1 << 40, np.float32)
     finally:
         d.stop()
 

@@ -139,3 +139,10 @@ def test_custom_store_in_a_rank(ranks):
 
 def test_calls_release_the_gil(ranks):
     assert ranks(_ranks.threads, 2) == [(2.0, 2.0), (2.0, 2.0)]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_list_pushpull_in_other_orders(ranks, n):
+    res = ranks(_ranks.list_orders, n)
+    for r in res:
+        assert r == {f"o{i}": float(n * i + 10 * sum(range(n))) for i in range(6)}
