@@ -25,7 +25,7 @@
 #include "kvd.h"
 
 #define CKPT_MAGIC "KVDCKPT"
-#define CKPT_VERSION 1u
+#define CKPT_VERSION 2u /* 2: NAG keeps lr inside its momentum state (MXNet's form) */
 
 struct ckpt_hdr {
 	char magic[8];

@@ -103,12 +103,14 @@ ALWAYS_INLINE void plain_one(const struct optim_coef *c, int rule, float *w, con
 		s0[i] = s;
 		w[i] = w[i] + s;
 		break;
-	default: /* RULE_NAG */
+	default: { /* RULE_NAG */
+		float m = c->momentum * s0[i];
 		x = x + c->wd * w[i];
-		s = c->momentum * s0[i] + x;
+		s = m - c->lr * x;
 		s0[i] = s;
-		w[i] = w[i] - c->lr * (x + c->momentum * s);
+		w[i] = w[i] - m + (c->momentum + 1.0f) * s;
 		break;
+	}
 	}
 }
 

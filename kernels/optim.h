@@ -14,10 +14,12 @@
  *       g = clip(rescale_grad * g) + wd * w
  *       s0 = momentum * s0 - lr * g
  *       w = w + s0
- *   OPT_NAG (Nesterov; s0: momentum):
+ *   OPT_NAG (Nesterov; s0: momentum, lr inside it as in MXNet's nag_mom_update,
+ *   so a learning-rate schedule acts as it does there):
  *       g = clip(rescale_grad * g) + wd * w
- *       s0 = momentum * s0 + g
- *       w = w - lr * (g + momentum * s0)
+ *       m = momentum * s0
+ *       s0 = m - lr * g
+ *       w = w - m + (momentum + 1) * s0
  *   OPT_ADAM (s0: mean, s1: variance; t: this key's update count, from 1):
  *       lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t)
  *       g = clip(rescale_grad * g + wd * w)

@@ -114,9 +114,10 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
 		} else if constexpr (RULE == RULE_NAG) {
 			const float x = __fadd_rn(clip1(__fmul_rn(c.rescale, g), lo, hi),
 						  __fmul_rn(c.wd, w0));
-			const float s = __fadd_rn(__fmul_rn(c.momentum, a.s0[i]), x);
+			const float m = __fmul_rn(c.momentum, a.s0[i]);
+			const float s = __fsub_rn(m, __fmul_rn(c.lr, x));
 			a.s0[i] = s;
-			w = __fsub_rn(w0, __fmul_rn(c.lr, __fadd_rn(x, __fmul_rn(c.momentum, s))));
+			w = __fadd_rn(__fsub_rn(w0, m), __fmul_rn(__fadd_rn(c.momentum, 1.0f), s));
 		} else { /* RULE_ADAM, RULE_ADAMW */
 			float x;
 			if constexpr (RULE == RULE_ADAM)

@@ -429,7 +429,9 @@ static void ref_step(const struct optp *p, uint64_t t, struct el *x, double graw
 		}
 		break;
 	case K_NAG: {
-		double wdw, ewdw, g2, eg2, ms, ems, ms2, ems2, in, ein, up, eup;
+		/* MXNet's nag_mom_update: m = mom * s0; s0 = m - lr * g2;
+		 * w = w - m + (mom + 1) * s0 */
+		double wdw, ewdw, g2, eg2, ms, ems, lg, elg, d, ed, c, ec, cs, ecs;
 
 		g = clipv(g, p->clip, clipped);
 		wdw = p->wd * w;
@@ -438,16 +440,18 @@ static void ref_step(const struct optp *p, uint64_t t, struct el *x, double graw
 		eg2 = e_add(eg, ewdw, g2);
 		ms = p->mom * x->s0;
 		ems = p->mom * x->es0 + RND(ms);
-		x->s0 = ms + g2;
-		x->es0 = e_add(ems, eg2, x->s0);
-		ms2 = p->mom * x->s0;
-		ems2 = p->mom * x->es0 + RND(ms2);
-		in = g2 + ms2;
-		ein = e_add(eg2, ems2, in);
-		up = p->lr * in;
-		eup = p->lr * ein + RND(up);
-		x->w = w - up;
-		x->ew = e_add(ew, eup, x->w);
+		lg = p->lr * g2;
+		elg = p->lr * eg2 + RND(lg);
+		x->s0 = ms - lg;
+		x->es0 = e_add(ems, elg, x->s0);
+		d = w - ms;
+		ed = e_add(ew, ems, d);
+		c = p->mom + 1;
+		ec = RND(c);
+		cs = c * x->s0;
+		ecs = e_mul(c, ec, x->s0, x->es0);
+		x->w = d + cs;
+		x->ew = e_add(ed, ecs, x->w);
 		break;
 	}
 	case K_ADAM:

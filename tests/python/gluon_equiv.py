@@ -28,6 +28,8 @@ def main() -> int:
     ap.add_argument("--update-on-kvstore", default="none", choices=["none", "0", "1"])
     ap.add_argument("--optimizer", default="sgd")
     ap.add_argument("--wd", type=float, default=1e-3)
+    ap.add_argument("--lr-drop-at", type=int, default=0,
+                    help="from this step on, the learning rate is a fifth (0: never)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
@@ -65,6 +67,8 @@ def main() -> int:
         kvd.mxnet.broadcast_parameters(trainer)  # rank 0's weights before the first batch
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     for s in range(args.steps):
+        if args.lr_drop_at and s == args.lr_drop_at:
+            trainer.set_learning_rate(trainer.learning_rate / 5)
         lo = s * args.batch + rank * local
         data = mx.nd.array(x[lo:lo + local])
         label = mx.nd.array(y[lo:lo + local])

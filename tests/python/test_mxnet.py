@@ -253,31 +253,33 @@ def reference(tmp_path_factory):
     """reference(optimizer): the weights of one plain MXNet process on the whole batches."""
     import subprocess
 
-    def get(optimizer="sgd", wd="0.001"):
-        if (optimizer, wd) not in _refs:
-            out = tmp_path_factory.mktemp("ref") / f"{optimizer}-{wd}.npz"
+    def get(optimizer="sgd", wd="0.001", lr_drop_at="0"):
+        if (optimizer, wd, lr_drop_at) not in _refs:
+            out = tmp_path_factory.mktemp("ref") / f"{optimizer}-{wd}-{lr_drop_at}.npz"
             env = dict(os.environ, OMP_NUM_THREADS="1", MXNET_CPU_WORKER_NTHREADS="1",
                        PYTHONPATH=os.pathsep.join([str(HERE.parents[1] / "python"),
                                                    str(HERE)]))
             r = subprocess.run([sys.executable, str(HERE / "gluon_equiv.py"), "--out",
                                 str(out), "--kvstore", "none", "--optimizer", optimizer,
-                                "--wd", wd],
+                                "--wd", wd, "--lr-drop-at", lr_drop_at],
                                env=env, capture_output=True, text=True, timeout=120)
             assert r.returncode == 0, r.stdout + r.stderr
-            _refs[optimizer, wd] = _load(out)
-        return _refs[optimizer, wd]
+            _refs[optimizer, wd, lr_drop_at] = _load(out)
+        return _refs[optimizer, wd, lr_drop_at]
 
     return get
 
 
 # NAG with wd=0: MXNet 1.9's nag_mom_update, applied in place (out=weight) as its
 # optimizer does, reads the already updated weight for the momentum's wd term,
-# which the clean formula (and kvd's, kernels/optim.h) does not
-@pytest.mark.parametrize("update_on_kvstore,optimizer,wd",
-                         [("0", "sgd", "0.001"), ("1", "sgd", "0.001"), ("1", "nag", "0"),
-                          ("1", "adam", "0.001")])
+# which the clean formula (and kvd's, kernels/optim.h) does not.  lr_drop_at:
+# a learning-rate schedule (NAG keeps lr inside its momentum, as MXNet does).
+@pytest.mark.parametrize("update_on_kvstore,optimizer,wd,lr_drop_at",
+                         [("0", "sgd", "0.001", "0"), ("1", "sgd", "0.001", "0"),
+                          ("1", "nag", "0", "0"), ("1", "nag", "0", "5"),
+                          ("1", "sgd", "0.001", "5"), ("1", "adam", "0.001", "5")])
 def test_gluon_two_processes_equal_one(kvd_daemon, job, tmp_path, reference,
-                                       update_on_kvstore, optimizer, wd):
+                                       update_on_kvstore, optimizer, wd, lr_drop_at):
     if update_on_kvstore == "1" and not _store_can_optimize(kvd_daemon.sock, job):
         pytest.skip("kvd's local store reports is_capable('optimizer') = 0 (no optimizer in "
                     "the store yet), so update_on_kvstore=True cannot run; this case runs "
@@ -285,11 +287,11 @@ def test_gluon_two_processes_equal_one(kvd_daemon, job, tmp_path, reference,
     out = tmp_path / "w.npz"
     r = kvrun(2, [sys.executable, str(HERE / "gluon_equiv.py"), "--out", str(out),
                   "--update-on-kvstore", update_on_kvstore, "--optimizer", optimizer,
-                  "--wd", wd], sock=kvd_daemon.sock)
+                  "--wd", wd, "--lr-drop-at", lr_drop_at], sock=kvd_daemon.sock)
     assert r.returncode == 0, r.stdout + r.stderr
     got = _load(out)
     assert bool(got["update_on_kvstore"]) == (update_on_kvstore == "1")
-    ref = reference(optimizer, wd)
+    ref = reference(optimizer, wd, lr_drop_at)
     keys = [k for k in ref if k.startswith("p")]
     assert keys
     for k in keys:

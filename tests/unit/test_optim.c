@@ -246,11 +246,12 @@ static void ref_step(const struct opt_params *p, uint64_t t, double g, struct re
 		e->m0 = mom * e->m0 + lr * mx;
 		e->w = w + e->s0;
 		e->mw = mw + e->m0;
-	} else { /* NAG */
-		e->s0 = mom * e->s0 + x;
-		e->m0 = mom * e->m0 + mx;
-		e->w = w - lr * (x + mom * e->s0);
-		e->mw = mw + lr * (mx + mom * e->m0);
+	} else { /* NAG: MXNet's nag_mom_update, lr inside the momentum */
+		double m = mom * e->s0, mm = mom * e->m0;
+		e->s0 = m - lr * x;
+		e->m0 = mm + lr * mx;
+		e->w = w - m + (mom + 1) * e->s0;
+		e->mw = mw + mm + (mom + 1) * e->m0;
 	}
 }
 
@@ -618,15 +619,32 @@ Test(optim, mxnet_nag_two_steps)
 		.kind = OPT_NAG, .lr = 1, .rescale_grad = 1, .clip_gradient = -1, .momentum = 0.5f};
 	float w[3] = {0}, mom[3] = {0}, g[3] = {2, 2, 2};
 
-	/* mom = 0.5 * mom + g; w -= lr * (g + 0.5 * mom) */
+	/* MXNet 1.9's nag_mom_update: m = 0.5 * mom; mom = m - lr * g;
+	 * w = w - m + 1.5 * mom (mxnet.nd.nag_mom_update gives these numbers) */
 	cr_assert_eq(optim_update(REDUCE_CPU, NULL, &p, 1, w, g, KV_FLOAT32, mom, NULL, NULL,
 				  KV_FLOAT32, 3),
 		     0);
-	cr_assert(mom[0] == 2.0f && w[0] == -3.0f, "step 1: mom %g w %g", mom[0], w[0]);
+	cr_assert(mom[0] == -2.0f && w[0] == -3.0f, "step 1: mom %g w %g", mom[0], w[0]);
 	cr_assert_eq(optim_update(REDUCE_CPU, NULL, &p, 2, w, g, KV_FLOAT32, mom, NULL, NULL,
 				  KV_FLOAT32, 3),
 		     0);
-	cr_assert(mom[2] == 3.0f && w[2] == -6.5f, "step 2: mom %g w %g", mom[2], w[2]);
+	cr_assert(mom[2] == -3.0f && w[2] == -6.5f, "step 2: mom %g w %g", mom[2], w[2]);
+	/* a learning rate that changes acts inside the momentum: lr 0.1, 0.1,
+	 * 0.02 with g = 1, momentum 0.9 from w = 1 (mxnet 1.9.1 printed 0.81,
+	 * 0.539, 0.34710002 and momentum -0.1, -0.19, -0.19099998) */
+	struct opt_params q = {
+		.kind = OPT_NAG, .rescale_grad = 1, .clip_gradient = -1, .momentum = 0.9f};
+	float w1 = 1, m1 = 0, g1 = 1;
+	const float lrs[3] = {0.1f, 0.1f, 0.02f}, ws[3] = {0.81f, 0.539f, 0.34710002f},
+		    ms[3] = {-0.1f, -0.19f, -0.19099998f};
+	for (int s = 0; s < 3; s++) {
+		q.lr = lrs[s];
+		cr_assert_eq(optim_update(REDUCE_CPU, NULL, &q, (uint64_t)s + 1, &w1, &g1,
+					  KV_FLOAT32, &m1, NULL, NULL, KV_FLOAT32, 1),
+			     0);
+		cr_assert(w1 == ws[s] && m1 == ms[s], "lr step %d: w %.9g (want %.9g) mom %.9g "
+			  "(want %.9g)", s, w1, ws[s], m1, ms[s]);
+	}
 }
 
 /* sgd_update: w = (1 - lr * wd) * w - lr * clip(rescale * g). */
