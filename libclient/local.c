@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -1245,9 +1246,15 @@ int local_load(struct local *l, const char *path, char *err)
 	uint8_t rbuf[KV_MSG_MAX];
 	int fd = open(path, O_RDONLY | O_CLOEXEC), rc;
 
+	struct stat st;
+
 	if (fd < 0)
 		return fail(err, errno == EACCES ? KV_ERR_PERM : KV_ERR_IO, "cannot open '%s': %s",
 			    path, strerror(errno));
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+		close(fd);
+		return fail(err, KV_ERR_IO, "cannot load '%s': not a regular file", path);
+	}
 	m.u.file.path = "";
 	pthread_mutex_lock(&l->lock);
 	rc = request_fd(l, &m, &r, rbuf, fd, NULL, err);

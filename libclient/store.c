@@ -501,12 +501,14 @@ static int pushpull_v(kv_store *kv, const char *key, const void *const *values, 
 	for (int i = 0; i < nvalues; i++)
 		if (!values[i])
 			return set_err(kv, KV_ERR_INVALID, "pushpull: value %d is NULL", i);
-	if (!outs || nouts == 0) { /* results go back to the values */
+	if (nouts < 0)
+		return set_err(kv, KV_ERR_INVALID, "pushpull: nouts is negative");
+	if (!outs && nouts > 0)
+		return set_err(kv, KV_ERR_INVALID, "pushpull: outs is NULL but nouts is %d", nouts);
+	if (nouts == 0) { /* results go back to the values */
 		outs = (void *const *)values;
 		nouts = nvalues;
 	}
-	if (nouts < 0)
-		return set_err(kv, KV_ERR_INVALID, "pushpull: nouts is negative");
 	for (int i = 0; i < nouts; i++)
 		if (!outs[i])
 			return set_err(kv, KV_ERR_INVALID, "pushpull: out %d is NULL", i);

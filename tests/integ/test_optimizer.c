@@ -1334,7 +1334,8 @@ static int err_action(kv_store *kv, struct errarg *a)
 		CHECK(rc < 0, "load of an empty file: %d, want an error", rc);
 		/* the checkpoint file itself is a directory */
 		rc = kv_load_optimizer_states(kv, a->dir);
-		CHECK(rc < 0, "load of a directory: %d, want an error", rc);
+		CHECK(rc == KV_ERR_IO, "load of a directory: %d (%s), want KV_ERR_IO", rc,
+		      kv_strerror(rc));
 		break;
 	}
 	case E_MISSING:

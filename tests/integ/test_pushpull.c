@@ -508,6 +508,10 @@ static int ppv_rank(int rank, int n, const struct kvd_proc *k, void *arg)
 				if (!a->in_place)
 					memset(outs[b], 0xff, bytes);
 			}
+			/* outs NULL with nouts > 0 is a mistake, not "in place" */
+			CHECK_RC(kv_pushpullv(kv, key, (const void *const *)vals, 3, NULL, 1,
+					      count, t, 0),
+				 KV_ERR_INVALID);
 			CHECK_RC(kv_pushpullv(kv, key, (const void *const *)vals, 3,
 					      (void *const *)outs, a->nouts, count, t, 0),
 				 KV_OK);
