@@ -315,8 +315,16 @@ int ckpt_restore(struct job *j, const uint8_t *buf, size_t len, char *why, size_
 					 k->name);
 				return KV_ERR_MISMATCH;
 			}
-			if (ck.nstates && (ck.nstates != nstates ||
-					   ck.has_master != (k->dtype != KV_FLOAT32))) {
+			/* an f32 master copy belongs to f16/bf16 keys (any optimizer,
+			 * plain SGD too); state arrays must be the job optimizer's */
+			if (ck.has_master > 1 || (ck.has_master && k->dtype == KV_FLOAT32) ||
+			    (ck.nstates && !ck.has_master && k->dtype != KV_FLOAT32)) {
+				snprintf(why, whylen,
+					 "key '%s': the file's master copy does not fit a %s key",
+					 k->name, dname((uint8_t)k->dtype));
+				return KV_ERR_INVALID;
+			}
+			if (ck.nstates && ck.nstates != nstates) {
 				snprintf(why, whylen,
 					 "key '%s': the file holds %u state arrays, the optimizer "
 					 "needs %d",
@@ -327,7 +335,7 @@ int ckpt_restore(struct job *j, const uint8_t *buf, size_t len, char *why, size_
 			ts = take(&r, 8 * (size_t)k->nparts);
 			if (!val || !ts)
 				goto out_short;
-			size_t arrays = ck.nstates ? ck.nstates + ck.has_master : 0;
+			size_t arrays = (size_t)ck.nstates + ck.has_master;
 			for (uint32_t p = 0; p < k->nparts; p++) {
 				const uint8_t *a = take(&r, arrays * part_n(k, p) * sizeof(float));
 				struct part *pt = &k->parts[p];
@@ -337,14 +345,27 @@ int ckpt_restore(struct job *j, const uint8_t *buf, size_t len, char *why, size_
 					continue;
 				/* pass 1: write */
 				memcpy(&pt->opt_t, ts + 8 * p, 8);
-				if (!arrays)
+				if (!arrays || (!ck.nstates && nstates)) {
+					/* the file holds no state for this optimizer: the
+					 * states start afresh from the loaded value */
+					free(pt->master);
+					free(pt->s0);
+					free(pt->s1);
+					pt->master = pt->s0 = pt->s1 = NULL;
+					pt->opt_t = 0;
 					continue;
+				}
 				if (part_opt_alloc(k, p, opt) != 0) {
 					snprintf(why, whylen, "out of memory for optimizer states");
 					return KV_ERR_NOMEM;
 				}
 				float *dst[3];
 				int nd = part_arrays(pt, dst);
+				if ((size_t)nd != arrays) {
+					snprintf(why, whylen, "key '%s': %zu arrays in the file, %d here",
+						 k->name, arrays, nd);
+					return KV_ERR_MISMATCH;
+				}
 				for (int s = 0; s < nd; s++)
 					memcpy(dst[s], a + (size_t)s * part_n(k, p) * sizeof(float),
 					       part_n(k, p) * sizeof(float));

@@ -143,12 +143,10 @@ static void job_rates(struct job *j, double now)
 		return;
 	j->rounds_per_s = dt > 0 ? (double)(rounds - j->rate_rounds) / dt : 0;
 	j->bytes_per_s = dt > 0 ? (double)(bytes - j->rate_bytes) / dt : 0;
-	j->rate_valid = true;
-	if (dt >= 1.0) {
-		j->rate_t = now;
-		j->rate_rounds = rounds;
-		j->rate_bytes = bytes;
-	}
+	j->rate_valid = true; /* the first request is a sample too */
+	j->rate_t = now;
+	j->rate_rounds = rounds;
+	j->rate_bytes = bytes;
 }
 
 static uint64_t job_ops(const struct job *j)

@@ -15,11 +15,13 @@
  * whether the op's deadline (timeout_ms) passed; a timed-out op is
  * cancelled.  One mutex guards the store; it is dropped while sleeping.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
 #include <poll.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -837,7 +839,8 @@ int local_op(struct local *l, uint8_t opc, const char *key, const void *const *s
 				if (!err[0])
 					fail(err, KV_ERR_NOMEM,
 					     "no shared memory for a %zu-byte staging buffer", bytes);
-				rc = KV_ERR_NOMEM;
+				/* growing the arena asks kvd: it may have gone meanwhile */
+				rc = l->dead ? l->dead_code : KV_ERR_NOMEM;
 				op_release(l, op);
 				goto out_unlock;
 			}
@@ -1189,6 +1192,41 @@ int local_set_optimizer(struct local *l, const char *spec, char *err)
  * then rename it over the target and fsync the directory.  A crash at any
  * point leaves the old file or the new one, never a torn one.
  */
+/*
+ * Temp files of saves whose process died before the rename (killed while
+ * kvd wrote): ".BASE.kvd-PID-N.tmp" whose PID no longer runs.  A PID reused
+ * since only keeps a stale file a while longer.
+ */
+static void remove_dead_temps(int dirfd, const char *base)
+{
+	int fd = openat(dirfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+	size_t blen = strlen(base);
+	struct dirent *e;
+
+	if (!d) {
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	while ((e = readdir(d))) {
+		const char *s = e->d_name;
+		char *end;
+		long pid;
+
+		if (s[0] != '.' || strncmp(s + 1, base, blen) || strncmp(s + 1 + blen, ".kvd-", 5))
+			continue;
+		errno = 0;
+		pid = strtol(s + 1 + blen + 5, &end, 10);
+		if (errno || pid <= 0 || *end != '-' || !strstr(end, ".tmp") ||
+		    strcmp(end + strlen(end) - 4, ".tmp"))
+			continue;
+		if (kill((pid_t)pid, 0) < 0 && errno == ESRCH)
+			unlinkat(dirfd, s, 0);
+	}
+	closedir(d);
+}
+
 int local_save(struct local *l, const char *path, int dump, char *err)
 {
 	struct kv_msg m = { .type = KV_MSG_SAVE }, r;
@@ -1213,6 +1251,7 @@ int local_save(struct local *l, const char *path, int dump, char *err)
 	if (dirfd < 0)
 		return fail(err, errno == EACCES ? KV_ERR_PERM : KV_ERR_IO,
 			    "cannot open the directory '%s': %s", dir, strerror(errno));
+	remove_dead_temps(dirfd, base);
 	snprintf(tmp, sizeof(tmp), ".%s.kvd-%d-%u.tmp", base, (int)getpid(),
 		 __atomic_add_fetch(&seq, 1, __ATOMIC_RELAXED));
 	fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);

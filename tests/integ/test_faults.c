@@ -158,23 +158,37 @@ Test(faults, rank_killed_mid_round, .timeout = 20)
 
 struct dk_arg {
 	int ready[2]; /* rank 0 writes a byte just before its pushpull */
+	int dead[2];  /* the test writes a byte once kvd is dead */
 };
+
+#define DK_BIG (1u << 20) /* elements: the engine path, staged through the arena */
 
 static int daemon_killed_rank(int rank, int n, const struct kvd_proc *k, void *arg)
 {
 	struct dk_arg *a = arg;
 	struct kv_options o;
 	kv_store *kv = NULL;
-	float v[16] = { 0 };
+	float v[16] = { 0 }, *big = calloc(DK_BIG, sizeof(float));
 	double t0, dt;
 	int rc;
 
+	CHECK(big, "malloc");
 	kv_options_default(&o);
 	o.timeout_ms = 2000; /* bounds libkv's reconnect attempts */
 	CHECK_RC(kv_create("local", &o, &kv), KV_OK);
 	CHECK_RC(kv_init(kv, "w", v, 16, KV_FLOAT32), KV_OK);
+	CHECK_RC(kv_init(kv, "big", big, DK_BIG, KV_FLOAT32), KV_OK);
 	if (rank != 0) {
-		sleep(20); /* never joins the round; the test kills it */
+		struct pollfd p = { .fd = a->dead[0], .events = POLLIN };
+		char c;
+		/* never joins rank 0's round; once kvd is dead, a first op that
+		 * needs more shared memory (asked of kvd) reports the dead kvd */
+		CHECK(poll(&p, 1, 15000) == 1 && read(a->dead[0], &c, 1) == 1, "kvd never died");
+		rc = kv_pushpull(kv, "big", big, NULL, DK_BIG, KV_FLOAT32, 0);
+		CHECK(rc == KV_ERR_DAEMON, "a big pushpull after kvd died: %d (%s: %s), want "
+		      "KV_ERR_DAEMON", rc, kv_strerror(rc), kv_last_error(kv));
+		kv_close(kv);
+		free(big);
 		return 0;
 	}
 	CHECK(write(a->ready[1], "x", 1) == 1, "write");
@@ -186,6 +200,7 @@ static int daemon_killed_rank(int rank, int n, const struct kvd_proc *k, void *a
 	CHECK(dt < 5.0, "pushpull took %.2f s to report the dead daemon", dt);
 	CHECK(kv_last_error(kv) && *kv_last_error(kv), "no detail after KV_ERR_DAEMON");
 	kv_close(kv);
+	free(big);
 	return 0;
 }
 
@@ -195,10 +210,11 @@ Test(faults, daemon_killed_while_waiting, .timeout = 30)
 	struct dk_arg a;
 	struct pollfd pfd;
 	pid_t p0, p1;
-	int st0 = 0, st1, late0, got;
+	int st0 = 0, st1 = 0, late0, late1, got;
 	char c;
 
 	cr_assert_eq(pipe(a.ready), 0);
+	cr_assert_eq(pipe(a.dead), 0);
 	cr_assert_eq(kvd_start(&k, NULL), 0, "kvd did not start");
 	p0 = fork_rank(&k, "dkill", 0, 2, daemon_killed_rank, &a);
 	p1 = fork_rank(&k, "dkill", 1, 2, daemon_killed_rank, &a);
@@ -210,16 +226,20 @@ Test(faults, daemon_killed_while_waiting, .timeout = 30)
 		kill(k.pid, SIGKILL);
 		waitpid(k.pid, NULL, 0);
 		k.pid = 0;
+		cr_expect_eq(write(a.dead[1], "x", 1), 1);
 	}
 	late0 = wait_until(p0, now_s() + 10, &st0);
-	kill(p1, SIGKILL);
-	waitpid(p1, &st1, 0);
+	late1 = wait_until(p1, now_s() + 10, &st1);
 	kvd_stop(&k);
 	close(a.ready[0]);
 	close(a.ready[1]);
+	close(a.dead[0]);
+	close(a.dead[1]);
 	cr_assert(got, "rank 0 never reached its pushpull");
 	cr_assert_eq(late0, 0, "rank 0 hung after kvd was killed");
 	cr_assert(WIFEXITED(st0) && WEXITSTATUS(st0) == 0, "rank 0 failed");
+	cr_assert_eq(late1, 0, "rank 1 hung after kvd was killed");
+	cr_assert(WIFEXITED(st1) && WEXITSTATUS(st1) == 0, "rank 1 failed");
 }
 
 /* ---------------------------------------------------------------- late join */

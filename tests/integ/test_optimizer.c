@@ -1195,6 +1195,11 @@ Test(optimizer, checkpoint_roundtrip_momentum_dump0, .timeout = 60)
 {
 	roundtrip("ck-m0", SPEC_NAG, 0, 1);
 }
+/* plain SGD keeps no state, but its f16/bf16 keys an f32 master copy */
+Test(optimizer, checkpoint_roundtrip_plain_sgd, .timeout = 60)
+{
+	roundtrip("ck-sgd", SPEC_SGD, 1, 1);
+}
 
 /* ---------------------------------------------------------------- checkpoint errors */
 
@@ -1355,8 +1360,22 @@ static int err_action(kv_store *kv, struct errarg *a)
 		/* after good saves (one new, one over the old): only the target */
 		nent = count_entries(a->dir, names, sizeof(names));
 		CHECK(nent == 1, "after a save the directory holds:%s (want only good.ckpt)", names);
+		/* the temp file of a saver that died is removed by the next save of
+		 * the same name; a live saver's is not */
+		char stale[256], live[256];
+		pid_t dead = fork();
+		if (dead == 0)
+			_exit(0);
+		CHECK(dead > 0 && waitpid(dead, NULL, 0) == dead, "fork");
+		snprintf(stale, sizeof(stale), "%s/.good.ckpt.kvd-%d-7.tmp", a->dir, (int)dead);
+		snprintf(live, sizeof(live), "%s/.good.ckpt.kvd-%d-999.tmp", a->dir, (int)getpid());
+		CHECK(close(open(stale, O_WRONLY | O_CREAT, 0644)) == 0, "create %s", stale);
+		CHECK(close(open(live, O_WRONLY | O_CREAT, 0644)) == 0, "create %s", live);
 		rc = kv_save_optimizer_states(kv, good, 0);
 		CHECK(rc == KV_OK, "save again: %d (%s): %s", rc, kv_strerror(rc), kv_last_error(kv));
+		CHECK(access(stale, F_OK) != 0, "the dead saver's temp file is still there");
+		CHECK(access(live, F_OK) == 0, "a live saver's temp file was removed");
+		unlink(live);
 		nent = count_entries(a->dir, names, sizeof(names));
 		CHECK(nent == 1, "after a second save the directory holds:%s (want only good.ckpt)",
 		      names);
