@@ -512,8 +512,10 @@ class Store:
         ``out``, or ``value`` when ``out`` is None.
         """
         if isinstance(key, (list, tuple)):
-            if (_is_list(value) and not any(_is_list(v) for v in value)
-                    and (out is None or (_is_list(out) and not any(_is_list(o) for o in out)))):
+            if (_is_list(value) and len(value) == len(key)
+                    and not any(_is_list(v) for v in value)
+                    and (out is None or (_is_list(out) and len(out) == len(key)
+                                         and not any(_is_list(o) for o in out)))):
                 # one array per key: all in flight at once, so ranks may list
                 # the keys in different orders (as with the C async calls)
                 return self.pushpull_async(key, value, out, priority).wait()
