@@ -353,6 +353,8 @@ static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	c->conn = cn;
 	j->ranks[rank] = c;
 	j->present++;
+	if (j->present == j->num_workers)
+		j->formed = true;
 	__atomic_add_fetch(&j->bytes, c->ring_size, __ATOMIC_RELAXED);
 	pthread_mutex_unlock(&d->lock);
 	__atomic_add_fetch(&d->nclients, 1, __ATOMIC_RELAXED);
@@ -484,6 +486,18 @@ static int on_optimizer(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	if (rc) {
 		free(cfg);
 		return reply_error(cn, m->seq, rc, why);
+	}
+	pthread_mutex_lock(&x->d->lock);
+	rc = j->formed && j->present < j->num_workers;
+	pthread_mutex_unlock(&x->d->lock);
+	if (rc) {
+		/* a collective call cannot complete while a rank is away (as ops) */
+		free(cfg);
+		snprintf(why, sizeof(why),
+			 "a rank of job '%s' left; kv_set_optimizer needs every rank (call it "
+			 "again once the rank is back)",
+			 j->name);
+		return reply_error(cn, m->seq, KV_ERR_PEER, why);
 	}
 	if (j->opt_pending) {
 		if (!opt_same(cfg, j->opt_pending)) {

@@ -149,6 +149,7 @@ struct job {
 	/* membership as the control thread sees it [ctl, kvd.lock] */
 	struct client **ranks;
 	int present;
+	bool formed;   /* every rank has been present at once */
 	bool detached; /* removed from the list (last rank left, or dropped) */
 
 	/* keys: [ctl] creates, publishes dir[] blocks and nkeys with release */

@@ -304,6 +304,7 @@ static bool rank_present(struct local *l, uint32_t r)
 }
 
 #define ROUND_RUNNING 1 /* round_fate: every rank arrived and the summer is alive */
+#define DAEMON_LOOK_NS 20000000ull /* direct_op looks at kvd's socket every 20 ms */
 
 static const char *kind_name(uint32_t kind)
 {
@@ -582,6 +583,14 @@ int direct_op(struct local *l, uint8_t opc, struct lkey *k, struct lop *op,
 	}
 	op->key = k;
 	op->esize = kv_dtype_size(k->dtype);
+	/* a direct op may never wait (one rank, or the others always first):
+	 * look at kvd's socket now and then, so a dead kvd is noticed anyway */
+	if (now_ns() - l->daemon_seen_ns > DAEMON_LOOK_NS) {
+		l->daemon_seen_ns = now_ns();
+		check_daemon(l);
+		if (l->dead)
+			return fail(err, l->dead_code, "%s", l->dead_why);
+	}
 	if (opc == KV_OP_INIT)
 		return init_op(l, k, srcs ? srcs[0] : NULL, deadline, err);
 	if (opc == KV_OP_PULL) {

@@ -90,6 +90,7 @@ struct local {
 	void *stream;   /* cudaStream_t for GPU tensors (kv_set_stream); NULL: legacy */
 	bool gpu;       /* a GPU is usable: segments are pinned, device pointers work */
 	bool crowded;   /* the job has more ranks than this process has CPUs */
+	uint64_t daemon_seen_ns; /* direct ops: when the socket was last looked at */
 	bool dead;
 	int dead_code;
 	char dead_why[256];

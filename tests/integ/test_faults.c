@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -240,6 +241,58 @@ Test(faults, daemon_killed_while_waiting, .timeout = 30)
 	cr_assert(WIFEXITED(st0) && WEXITSTATUS(st0) == 0, "rank 0 failed");
 	cr_assert_eq(late1, 0, "rank 1 hung after kvd was killed");
 	cr_assert(WIFEXITED(st1) && WEXITSTATUS(st1) == 0, "rank 1 failed");
+}
+
+/* A one-rank job's small-key ops never wait on anyone: they still notice a
+ * dead kvd (within a fraction of a second) instead of going on without it. */
+static int lone_rank(int rank, int n, const struct kvd_proc *k, void *arg)
+{
+	int *ready = arg;
+	kv_store *kv = open_rank(5000);
+	float v[16] = { 0 };
+	double t0 = 0;
+	int rc = KV_OK;
+	long ops = 0;
+
+	CHECK(kv, "open");
+	CHECK_RC(kv_init(kv, "w", v, 16, KV_FLOAT32), KV_OK);
+	CHECK_RC(kv_pushpull(kv, "w", v, NULL, 16, KV_FLOAT32, 0), KV_OK);
+	__atomic_store_n(ready, 1, __ATOMIC_SEQ_CST);
+	while (__atomic_load_n(ready, __ATOMIC_SEQ_CST) != 2)
+		usleep(1000); /* the test kills kvd */
+	t0 = now_s();
+	while (rc == KV_OK && now_s() - t0 < 5) {
+		rc = kv_pushpull(kv, "w", v, NULL, 16, KV_FLOAT32, 0);
+		ops++;
+	}
+	CHECK(rc == KV_ERR_DAEMON, "after kvd died: %d (%s), want KV_ERR_DAEMON", rc,
+	      kv_strerror(rc));
+	CHECK(now_s() - t0 < 0.5, "noticed after %.3f s (%ld ops)", now_s() - t0, ops);
+	kv_close(kv);
+	return 0;
+}
+
+Test(faults, lone_rank_notices_a_dead_daemon, .timeout = 30)
+{
+	struct kvd_proc k;
+	int *ready = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	int st = 0, late = 0;
+	pid_t p;
+
+	cr_assert_neq(ready, MAP_FAILED);
+	cr_assert_eq(kvd_start(&k, NULL), 0, "kvd did not start");
+	p = fork_rank(&k, "lone", 0, 1, lone_rank, ready);
+	for (int i = 0; i < 1000 && !__atomic_load_n(ready, __ATOMIC_SEQ_CST); i++)
+		usleep(10000);
+	kill(k.pid, SIGKILL);
+	waitpid(k.pid, NULL, 0);
+	k.pid = 0;
+	__atomic_store_n(ready, 2, __ATOMIC_SEQ_CST);
+	late = wait_until(p, now_s() + 10, &st);
+	kvd_stop(&k);
+	munmap(ready, 4096);
+	cr_assert_eq(late, 0, "the rank hung");
+	cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the rank failed");
 }
 
 /* ---------------------------------------------------------------- late join */

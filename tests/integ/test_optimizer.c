@@ -1033,6 +1033,37 @@ Test(optimizer, set_optimizer_is_collective_and_mismatch, .timeout = 30)
 	run_job("coll", 3, coll_rank, NULL, 25);
 }
 
+/* a rank that left before the call: kv_set_optimizer fails with KV_ERR_PEER
+ * at once (it cannot complete), not at the timeout */
+static int coll_left_rank(int rank, int n, const struct kvd_proc *k, void *arg)
+{
+	kv_store *kv = open_rank(20000);
+	float v[16] = { 0 };
+	double t0, dt;
+	int rc;
+
+	CHECK(kv, "open");
+	CHECK_RC(kv_init(kv, "w", v, 16, KV_FLOAT32), KV_OK);
+	if (rank == 1) {
+		CHECK_RC(kv_close(kv), KV_OK);
+		return 0;
+	}
+	usleep(400000); /* rank 1 has left */
+	t0 = now_s();
+	rc = kv_set_optimizer(kv, "sgd lr=0.5");
+	dt = now_s() - t0;
+	CHECK(rc == KV_ERR_PEER, "set_optimizer with a rank gone: %d (%s), want KV_ERR_PEER: %s",
+	      rc, kv_strerror(rc), kv_last_error(kv));
+	CHECK(dt < 2.0, "it took %.2f s", dt);
+	CHECK_RC(kv_close(kv), KV_OK);
+	return 0;
+}
+
+Test(optimizer, set_optimizer_after_a_rank_left_is_peer, .timeout = 30)
+{
+	run_job("coll-left", 2, coll_left_rank, NULL, 25);
+}
+
 /* ---------------------------------------------------------------- set again */
 
 static const struct keyspec reset_key = { "r", 200, KV_FLOAT32 };
