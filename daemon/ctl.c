@@ -61,6 +61,7 @@ struct conn {
 	int fd;
 	uid_t uid;
 	gid_t gid;
+	bool allowed; /* in --allow-group (primary or supplementary group) */
 	pid_t pid;
 	struct client *cl; /* after a hello */
 	bool said_hello;
@@ -314,7 +315,7 @@ static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	pthread_mutex_lock(&d->lock);
 	j = job_find(d, name);
 	if (j && j->uid != cn->uid &&
-	    !(d->cfg.allow_gid >= 0 && (gid_t)d->cfg.allow_gid == cn->gid)) {
+	    !cn->allowed) {
 		snprintf(why, sizeof(why),
 			 "job '%s' belongs to another user; uid %u may not join it", name,
 			 (unsigned)cn->uid);
@@ -690,6 +691,27 @@ static void refuse_no_fds(struct ctl *x, int err)
 	x->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 }
 
+/* Is the peer in group gid: its primary group, or one of its supplementary
+ * groups as the kernel recorded them at connect (SO_PEERGROUPS)? */
+static bool peer_in_group(int fd, gid_t primary, gid_t gid)
+{
+	gid_t small[64], *g = small;
+	socklen_t len = sizeof(small);
+	bool in = primary == gid;
+	int rc;
+
+	if (in)
+		return true;
+	rc = getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, g, &len);
+	if (rc < 0 && errno == ERANGE && (g = malloc(len)))
+		rc = getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, g, &len);
+	for (size_t i = 0; rc == 0 && g && i < len / sizeof(gid_t); i++)
+		in = g[i] == gid;
+	if (g != small)
+		free(g);
+	return in;
+}
+
 static void on_accept(struct ctl *x, int fd)
 {
 	struct conn *cn = calloc(1, sizeof(*cn));
@@ -706,6 +728,8 @@ static void on_accept(struct ctl *x, int fd)
 	cn->uid = cred.uid;
 	cn->gid = cred.gid;
 	cn->pid = cred.pid;
+	cn->allowed = x->d->cfg.allow_gid >= 0 && peer_in_group(fd, cred.gid,
+								 (gid_t)x->d->cfg.allow_gid);
 	cn->next = x->conns;
 	if (x->conns)
 		x->conns->prev = cn;

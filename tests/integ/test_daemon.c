@@ -10,9 +10,11 @@
 #include <string.h>
 #include <time.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -307,4 +309,73 @@ Test(daemon, fd_limit_refuses_new_clients_and_serves_the_rest, .timeout = 60)
 	kv_close(late);
 	munmap(stop, 4096);
 	kvd_stop(&k);
+}
+
+/*
+ * --allow-group GID: a member of GID may join another user's job, whether
+ * GID is its primary group or a supplementary one (usermod -aG); a process
+ * of the same uid outside the group is refused.  Children drop to uid 65534.
+ */
+#define ALLOW_GID 4242
+#define NOBODY_ID 65534
+
+static int join_as_nobody(const struct kvd_proc *k, const gid_t *groups, int ngroups,
+			  gid_t gid)
+{
+	pid_t p = fork();
+	int st;
+
+	if (p == 0) {
+		struct kv_options o;
+		kv_store *kv = NULL;
+		int rc;
+
+		if (setgroups((size_t)ngroups, groups) || setgid(gid) || setuid(NOBODY_ID))
+			_exit(100);
+		kv_options_default(&o);
+		o.socket = k->sock;
+		o.job = "grpjob";
+		o.rank = 1;
+		o.num_workers = 2;
+		o.timeout_ms = 5000;
+		/* the rank the previous child held is free once kvd saw it close */
+		for (int i = 0; (rc = kv_create("local", &o, &kv)) == KV_ERR_EXISTS && i < 200; i++)
+			usleep(10000);
+		if (kv)
+			kv_close(kv);
+		_exit(rc == KV_OK ? 0 : rc == KV_ERR_PERM ? 3 : 101);
+	}
+	if (p < 0 || waitpid(p, &st, 0) != p)
+		return -1;
+	return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+Test(daemon, allow_group_counts_supplementary_groups, .timeout = 30)
+{
+	static const char *const args[] = { "--allow-group", "4242", NULL };
+	const gid_t supp[] = { ALLOW_GID };
+	struct kv_options o;
+	struct kvd_proc k;
+	kv_store *kv = NULL;
+
+	if (geteuid() != 0)
+		cr_skip_test("needs root to act as another user");
+	cr_assert_eq(kvd_start(&k, args), 0);
+	cr_assert_eq(chmod(k.dir, 0755), 0);
+	kv_options_default(&o);
+	o.socket = k.sock;
+	o.job = "grpjob";
+	o.rank = 0;
+	o.num_workers = 2;
+	o.timeout_ms = 5000;
+	cr_assert_eq(kv_create("local", &o, &kv), KV_OK, "root's rank 0");
+	int no_group = join_as_nobody(&k, NULL, 0, NOBODY_ID);
+	int primary = join_as_nobody(&k, NULL, 0, ALLOW_GID);
+	int supplementary = join_as_nobody(&k, supp, 1, NOBODY_ID);
+	kv_close(kv);
+	kvd_stop(&k);
+	cr_assert_eq(no_group, 3, "outside the group: exit %d, want 3 (KV_ERR_PERM)", no_group);
+	cr_assert_eq(primary, 0, "GID as the primary group: exit %d, want 0", primary);
+	cr_assert_eq(supplementary, 0, "GID as a supplementary group: exit %d, want 0",
+		     supplementary);
 }
