@@ -243,6 +243,10 @@ static bool key_stalled(struct job *j, struct key *k, uint64_t now, struct stall
 
 		if (arrived == 0 || arrived >= n || !since || now < since + STALL_NS)
 			return false;
+		/* arrivals from before a rank left are void (reset at the next one) */
+		if (__atomic_load_n(&dk->epoch, __ATOMIC_RELAXED) !=
+		    __atomic_load_n(&j->board->epoch, __ATOMIC_RELAXED))
+			return false;
 		for (uint32_t r = 0; r < n; r++)
 			st->missing[r] = __atomic_load_n(&at[r], __ATOMIC_RELAXED) != done + 1;
 		st->secs = (double)(now - since) * 1e-9;
@@ -409,11 +413,16 @@ static void render_text(struct kvd *d, struct sb *b, uid_t viewer, bool jobs_onl
 				sb_printf(b, "  !! STALLED key '");
 				for (uint32_t c = 0; c < st.len; c++)
 					sb_printf(b, "%c", isprint((unsigned char)st.key[c]) ? st.key[c] : '?');
+				int nmiss = 0;
 				sb_printf(b, "' for %.1f s, waiting for rank", st.secs);
 				for (int r = 0; r < j->num_workers; r++)
-					if (missing[r])
+					if (missing[r]) {
 						sb_printf(b, " %d", r);
-				sb_printf(b, "\n");
+						nmiss++;
+					}
+				/* every rank queued an op, and they cannot run together */
+				sb_printf(b, "%s\n", nmiss ? "" : "s' ops that disagree (a cancel or a "
+								  "mismatch in flight?)");
 			}
 		}
 	}
