@@ -92,6 +92,7 @@ struct ctl {
 
 	int spare_fd;      /* held for refuse_no_fds() */
 	struct __kernel_timespec listen_retry; /* arm_listen_poll() without a spare */
+	struct __kernel_timespec quiet_limit;  /* a connection's silence before its hello */
 	uint64_t refused;  /* connections refused for want of descriptors */
 
 	/* checkpoints: the engine hands finished ones back on ckpt_done */
@@ -145,7 +146,12 @@ static void arm_listen_poll(struct ctl *x)
 
 static void arm_recv(struct ctl *x, struct conn *cn)
 {
-	struct io_uring_sqe *s = get_sqe(x);
+	struct io_uring_sqe *s;
+
+	/* a recv linked to its timeout: both SQEs in one submission */
+	if (!cn->said_hello && io_uring_sq_space_left(&x->ring) < 2)
+		io_uring_submit(&x->ring);
+	s = get_sqe(x);
 
 	cn->iov.iov_base = cn->buf;
 	cn->iov.iov_len = sizeof(cn->buf);
@@ -156,6 +162,18 @@ static void arm_recv(struct ctl *x, struct conn *cn)
 	cn->mh.msg_controllen = sizeof(cn->cmsg.buf);
 	io_uring_prep_recvmsg(s, cn->fd, &cn->mh, MSG_CMSG_CLOEXEC);
 	io_uring_sqe_set_data(s, tagged(cn, T_CONN));
+	if (cn->said_hello)
+		return;
+	/*
+	 * Before its hello a connection holds a descriptor and a slot without
+	 * being anyone's rank: a recv that waits longer than --hello-timeout is
+	 * cancelled (the link timeout), and the connection closed.
+	 */
+	io_uring_sqe_set_flags(s, IOSQE_IO_LINK);
+	x->quiet_limit = (struct __kernel_timespec){ .tv_sec = x->d->cfg.hello_timeout_s };
+	s = get_sqe(x);
+	io_uring_prep_link_timeout(s, &x->quiet_limit, 0);
+	io_uring_sqe_set_data(s, tagged(NULL, T_CONN)); /* its own completion is ignored */
 }
 
 static void arm_read(struct ctl *x, int fd, void *buf, unsigned len, enum tag t)
@@ -1050,6 +1068,13 @@ static void on_cqe(struct ctl *x, struct io_uring_cqe *cqe)
 		break;
 	case T_CONN: {
 		int fds[SEG_MAX_FDS], nfds = 0;
+
+		if (!cn) /* a link timeout's own completion (see arm_recv) */
+			break;
+		if (cqe->res == -ECANCELED)
+			kvd_log("pid=%d uid=%u: nothing said within %d s of connecting; "
+				"disconnecting",
+				(int)cn->pid, (unsigned)cn->uid, (int)x->d->cfg.hello_timeout_s);
 
 		if (cqe->res > 0) {
 			for (struct cmsghdr *c = CMSG_FIRSTHDR(&cn->mh); c;

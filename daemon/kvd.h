@@ -50,6 +50,7 @@ struct kvd_config {
 	uint64_t direct_max; /* keys up to this many bytes get direct rounds; 0: none */
 	uint64_t pinned_limit; /* node-wide bytes kvd page-locks for GPU DMA; 0: none */
 	long allow_gid;    /* a group whose members may join others' jobs; -1: none */
+	uint32_t hello_timeout_s; /* silence allowed before a connection's hello */
 	int listen_fd;     /* from socket activation, or -1 */
 };
 

@@ -49,6 +49,8 @@ static const char usage[] =
 	"      --pinned-limit SIZE  with a GPU: page-lock at most SIZE of shared memory\n"
 	"                           for DMA, node-wide (default: half the RAM; 0: none)\n"
 	"      --allow-group GID    members of GID may join other users' jobs\n"
+	"      --hello-timeout S    close a connection that says nothing for S seconds\n"
+	"                           before its hello (default 10)\n"
 	"  -h, --help               show this help and exit\n"
 	"  -V, --version            show the version and exit\n"
 	"\n"
@@ -68,6 +70,7 @@ enum {
 	OPT_PART_SIZE,
 	OPT_INLINE_SIZE,
 	OPT_ALLOW_GROUP,
+	OPT_HELLO_TIMEOUT,
 	OPT_DIRECT_MAX,
 	OPT_PINNED_LIMIT,
 };
@@ -84,6 +87,7 @@ static const struct option long_opts[] = {
 	{ "part-size", required_argument, NULL, OPT_PART_SIZE },
 	{ "inline-size", required_argument, NULL, OPT_INLINE_SIZE },
 	{ "allow-group", required_argument, NULL, OPT_ALLOW_GROUP },
+	{ "hello-timeout", required_argument, NULL, OPT_HELLO_TIMEOUT },
 	{ "direct-max", required_argument, NULL, OPT_DIRECT_MAX },
 	{ "pinned-limit", required_argument, NULL, OPT_PINNED_LIMIT },
 	{ "help", no_argument, NULL, 'h' },
@@ -211,6 +215,12 @@ static int apply(struct kvd_config *c, int opt, const char *arg, const char *nam
 		if (parse_uint(arg, UINT32_MAX - 1, &v))
 			goto bad;
 		c->allow_gid = (long)v;
+		return 0;
+	case OPT_HELLO_TIMEOUT:
+		want = "seconds, 1 to 3600";
+		if (parse_uint(arg, 3600, &v) || v == 0)
+			goto bad;
+		c->hello_timeout_s = (uint32_t)v;
 		return 0;
 	}
 	return -1;
@@ -466,6 +476,7 @@ int main(int argc, char **argv)
 	c->cq_entries = 512;
 	c->max_segs = 256;
 	c->allow_gid = -1;
+	c->hello_timeout_s = 10;
 	c->listen_fd = -1;
 
 	/* the config file first, so the command line overrides it */

@@ -4,6 +4,7 @@
  * several threads of a rank.
  */
 #include <criterion/criterion.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -14,7 +15,9 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -378,4 +381,47 @@ Test(daemon, allow_group_counts_supplementary_groups, .timeout = 30)
 	cr_assert_eq(primary, 0, "GID as the primary group: exit %d, want 0", primary);
 	cr_assert_eq(supplementary, 0, "GID as a supplementary group: exit %d, want 0",
 		     supplementary);
+}
+
+/* --hello-timeout: a connection that says nothing is closed after it; a rank
+ * that joined is never timed out, however quiet. */
+Test(daemon, silent_connection_is_closed_after_hello_timeout, .timeout = 30)
+{
+	static const char *const args[] = { "--hello-timeout", "1", NULL };
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
+	struct kvd_proc k;
+	struct kv_options o;
+	kv_store *kv = NULL;
+	float v[4] = { 1, 2, 3, 4 };
+	char c;
+	int fd;
+
+	cr_assert_eq(kvd_start(&k, args), 0);
+	kv_options_default(&o);
+	o.socket = k.sock;
+	o.job = "quiet";
+	o.rank = 0;
+	o.num_workers = 1;
+	o.timeout_ms = 5000;
+	cr_assert_eq(kv_create("local", &o, &kv), KV_OK);
+	snprintf(a.sun_path, sizeof(a.sun_path), "%s", k.sock);
+	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	cr_assert(fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
+	double t0 = now_s();
+	struct pollfd p = { .fd = fd, .events = POLLIN };
+	int ready = poll(&p, 1, 5000);
+	double dt = now_s() - t0;
+	ssize_t got = ready == 1 ? recv(fd, &c, 1, MSG_DONTWAIT) : -1;
+	close(fd);
+	/* the joined rank, quiet just as long, still works */
+	int rc1 = kv_init(kv, "w", v, 4, KV_FLOAT32);
+	int rc2 = kv_pushpull(kv, "w", v, NULL, 4, KV_FLOAT32, 0);
+	kv_close(kv);
+	kvd_stop(&k);
+	cr_assert(ready == 1 && got == 0, "the silent connection was not closed (poll %d, recv %zd)",
+		  ready, got);
+	cr_assert(dt > 0.8 && dt < 3.0, "closed after %.2f s, want about 1 s", dt);
+	cr_assert_eq(rc1, KV_OK);
+	cr_assert_eq(rc2, KV_OK);
+	cr_assert(v[0] == 1 && v[3] == 4, "a one-rank sum is the value itself");
 }
