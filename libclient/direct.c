@@ -667,7 +667,8 @@ int direct_op(struct local *l, uint8_t opc, struct lkey *k, struct lop *op,
 	if (r == 0 && dk->arrived) {
 		bool refused = false;
 		for (uint32_t q = 1; q < n; q++)
-			if (k->kinds[q] != KV_DK_NONE && k->kinds[q] != kind) {
+			if (k->kinds[q] != KV_DK_NONE && k->kinds[q] != KV_DK_MISMATCH &&
+			    k->kinds[q] != kind) { /* MISMATCH: refused already */
 				__atomic_store_n(&k->kinds[q], KV_DK_MISMATCH, __ATOMIC_RELEASE);
 				__atomic_store_n(&k->arrived_at[q], done, __ATOMIC_RELAXED);
 				dk->arrived--;
