@@ -1186,13 +1186,6 @@ int local_set_optimizer(struct local *l, const char *spec, char *err)
 }
 
 /*
- * Checkpoints.  kvd never opens a path: paths resolve here, with this
- * process's permissions.  Save: create a temp file next to the target, hand
- * its fd to kvd, which writes and fsyncs it (one linked io_uring chain);
- * then rename it over the target and fsync the directory.  A crash at any
- * point leaves the old file or the new one, never a torn one.
- */
-/*
  * Temp files of saves whose process died before the rename (killed while
  * kvd wrote): ".BASE.kvd-PID-N.tmp" whose PID no longer runs.  A PID reused
  * since only keeps a stale file a while longer.
@@ -1227,6 +1220,13 @@ static void remove_dead_temps(int dirfd, const char *base)
 	closedir(d);
 }
 
+/*
+ * Checkpoints.  kvd never opens a path: paths resolve here, with this
+ * process's permissions.  Save: create a temp file next to the target, hand
+ * its fd to kvd, which writes and fsyncs it (one linked io_uring chain);
+ * then rename it over the target and fsync the directory.  A crash at any
+ * point leaves the old file or the new one, never a torn one.
+ */
 int local_save(struct local *l, const char *path, int dump, char *err)
 {
 	struct kv_msg m = { .type = KV_MSG_SAVE }, r;
