@@ -733,7 +733,8 @@ class Store:
         ----------
         spec : str
             ``"sgd lr=0.1 momentum=0.9 wd=1e-4"``: a name, then ``param=value``
-            words (see DESIGN.md). Keyword arguments are appended as more words:
+            words (see the README's optimizer section). Keyword arguments are
+            appended as more words:
             ``set_optimizer("adam", lr=1e-3, beta1=0.9)``.
 
         Raises

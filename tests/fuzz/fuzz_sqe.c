@@ -18,7 +18,7 @@
  * The input is a sequence of 64-byte entries; entry i goes to rank i % 2.
  * Each one's user_data is replaced by a tag unique to it (a CANCEL's by the
  * tag of an earlier entry it names), so completions can be matched.  The
- * oracle is written from the contract (shm/layout.h, DESIGN.md), not from
+ * oracle is written from the contract (shm/layout.h, the design's round semantics), not from
  * engine.c:
  *  - an invalid entry (op outside 1..6, unknown key, dtype or count not the
  *    key's, part >= nparts, a direct key, a buffer outside the client's
@@ -276,7 +276,7 @@ static bool status_in(int status, int f)
 	       (status == KV_ERR_MISMATCH && (f & A_MISMATCH));
 }
 
-/* What a valid entry may complete with (DESIGN.md "Rounds and semantics"). */
+/* What a valid entry may complete with (the design's round semantics, README "Semantics"). */
 static bool valid_status(int status, uint8_t op, int rank)
 {
 	switch (status) {

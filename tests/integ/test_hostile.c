@@ -912,7 +912,7 @@ struct bad_case {
  * overflows), or an op or dtype outside the enums: each fails with an error
  * completion of its own, and the client stays connected and served.
  * Contract: layout.h (part < the key's nparts; data in a segment kvd handed
- * out), DESIGN.md (count or dtype not the key's: KV_ERR_MISMATCH; no such
+ * out), the design's contract (count or dtype not the key's: KV_ERR_MISMATCH; no such
  * key: KV_ERR_NOKEY; every index and offset bounds-checked).
  */
 static int bad_cases(struct bad_case *c, uint32_t key, uint32_t seg, uint64_t size)

@@ -2,7 +2,7 @@
 /*
  * test_optimizer.c - the optimizer in the store and optimizer-state
  * checkpoints, end to end (issue "Optimizer in the store, and
- * optimizer-state checkpoints"; DESIGN.md "Optimizer and checkpoints").
+ * optimizer-state checkpoints"; the design's optimizer and checkpoint contract).
  *
  *  - kv_set_optimizer: the spec grammar and its errors (KV_ERR_INVALID with
  *    the offending word in kv_last_error: the whole "param=value" word when

@@ -4,7 +4,7 @@
  * after round while this process SIGKILLs a random rank at random moments and
  * starts a replacement in its place.
  *
- * What it holds kvd to (DESIGN.md, "Faults" and "Rounds and semantics"):
+ * What it holds kvd to (the design's fault and round semantics, README "Reliability"):
  *  - survivors learn of a death quickly: each survivor's first op to end after
  *    a kill returns KV_ERR_PEER within 1 s of the kill (kill and return times
  *    are CLOCK_MONOTONIC stamps in a page shared by every process), no op that
