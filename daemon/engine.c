@@ -560,9 +560,7 @@ static int part_opt_state(struct key *k, uint32_t part, const struct opt_cfg *op
 	if (part_opt_alloc(k, part, opt))
 		return -ENOMEM;
 	if (p->master)
-		for (size_t i = 0; i < n; i++)
-			p->master[i] = k->dtype == KV_FLOAT16 ? half_to_float(((uint16_t *)v)[i])
-							      : bf16_to_float(((uint16_t *)v)[i]);
+		reduce_to_f32(p->master, v, k->dtype, n);
 	p->opt_t = 0;
 	return 0;
 }
@@ -629,11 +627,7 @@ static int task_run(struct task *t)
 	if (!t->opt.kind) {
 		rc = round_exec(t->kind, t->dtype, t->ptrs, t->nin, outs, t->nout, t->n);
 		if (!rc && t->kind == KIND_BCAST && t->weight)
-			for (size_t i = 0; i < t->n; i++) {
-				uint16_t h = ((const uint16_t *)t->value)[i];
-				t->weight[i] = t->dtype == KV_FLOAT16 ? half_to_float(h)
-								      : bf16_to_float(h);
-			}
+			reduce_to_f32(t->weight, t->value, t->dtype, t->n);
 		return rc;
 	}
 	/* sum the gradient, update the weight (and its stored copy), hand it out */

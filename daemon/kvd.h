@@ -189,7 +189,6 @@ struct job {
 	double rate_t;        /* when the sample was taken (0: none yet) */
 	uint64_t rate_rounds, rate_bytes;
 	double rounds_per_s, bytes_per_s;
-	bool rate_valid;
 
 	/* statistics [atomic]: written by the engine, read by the control thread */
 	uint64_t rounds, bytes_reduced, ops, inflight, peak_inflight;

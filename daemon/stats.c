@@ -134,17 +134,14 @@ static uint64_t job_bytes_reduced(const struct job *j)
 static void job_rates(struct job *j, double now)
 {
 	uint64_t rounds = job_rounds(j), bytes = job_bytes_reduced(j);
-	double dt;
+	/* no sample yet: from the job's start (nothing was reduced before it) */
+	double dt = now - (j->rate_t ? j->rate_t : j->created);
 
-	if (j->rate_t == 0)
-		j->rate_t = j->created; /* nothing was reduced before the job was made */
-	dt = now - j->rate_t;
-	if (dt < 1.0 && j->rate_valid)
+	if (j->rate_t && dt < 1.0)
 		return;
 	j->rounds_per_s = dt > 0 ? (double)(rounds - j->rate_rounds) / dt : 0;
 	j->bytes_per_s = dt > 0 ? (double)(bytes - j->rate_bytes) / dt : 0;
-	j->rate_valid = true; /* the first request is a sample too */
-	j->rate_t = now;
+	j->rate_t = now; /* the first request is a sample too */
 	j->rate_rounds = rounds;
 	j->rate_bytes = bytes;
 }

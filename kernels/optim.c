@@ -97,18 +97,12 @@ ALWAYS_INLINE void plain_one(const struct optim_coef *c, int rule, float *w, con
 	case RULE_SGD:
 		w[i] = c->decay * w[i] - c->lr * x;
 		break;
-	case RULE_SGD_MOM:
-		x = x + c->wd * w[i];
-		s = c->momentum * s0[i] - c->lr * x;
-		s0[i] = s;
-		w[i] = w[i] + s;
-		break;
-	default: { /* RULE_NAG */
+	default: { /* RULE_SGD_MOM, RULE_NAG: the same momentum, lr inside it */
 		float m = c->momentum * s0[i];
 		x = x + c->wd * w[i];
 		s = m - c->lr * x;
 		s0[i] = s;
-		w[i] = w[i] - m + (c->momentum + 1.0f) * s;
+		w[i] = rule == RULE_NAG ? w[i] - m + (c->momentum + 1.0f) * s : w[i] + s;
 		break;
 	}
 	}

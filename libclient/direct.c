@@ -585,8 +585,9 @@ int direct_op(struct local *l, uint8_t opc, struct lkey *k, struct lop *op,
 	op->esize = kv_dtype_size(k->dtype);
 	/* a direct op may never wait (one rank, or the others always first):
 	 * look at kvd's socket now and then, so a dead kvd is noticed anyway */
-	if (now_ns() - l->daemon_seen_ns > DAEMON_LOOK_NS) {
-		l->daemon_seen_ns = now_ns();
+	uint64_t t_now = now_ns();
+	if (t_now - l->daemon_seen_ns > DAEMON_LOOK_NS) {
+		l->daemon_seen_ns = t_now;
 		check_daemon(l);
 		if (l->dead)
 			return fail(err, l->dead_code, "%s", l->dead_why);

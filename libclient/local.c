@@ -1211,7 +1211,7 @@ static void remove_dead_temps(int dirfd, const char *base)
 			continue;
 		errno = 0;
 		pid = strtol(s + 1 + blen + 5, &end, 10);
-		if (errno || pid <= 0 || *end != '-' || !strstr(end, ".tmp") ||
+		if (errno || pid <= 0 || *end != '-' || strlen(end) < 5 ||
 		    strcmp(end + strlen(end) - 4, ".tmp"))
 			continue;
 		if (kill((pid_t)pid, 0) < 0 && errno == ESRCH)

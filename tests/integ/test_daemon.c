@@ -23,6 +23,20 @@
 
 #include "harness.h"
 
+/* A store of job on kvd at sock, as rank of nw, waiting at most 5 s. */
+static int create_in(const char *sock, const char *job, int rank, int nw, kv_store **kv)
+{
+	struct kv_options o;
+
+	kv_options_default(&o);
+	o.socket = sock;
+	o.job = job;
+	o.rank = rank;
+	o.num_workers = nw;
+	o.timeout_ms = 5000;
+	return kv_create("local", &o, kv);
+}
+
 static double now_s(void)
 {
 	struct timespec t;
@@ -258,19 +272,12 @@ Test(daemon, fd_limit_refuses_new_clients_and_serves_the_rest, .timeout = 60)
 	usleep(300000);
 	/* more and more clients, each holding a few of kvd's descriptors */
 	for (int i = 0; i < 64 && !refused; i++) {
-		struct kv_options o;
 		char name[32];
 		struct timespec t0, t1;
 
-		kv_options_default(&o);
-		o.socket = k.sock;
 		snprintf(name, sizeof(name), "filler-%d", i);
-		o.job = name;
-		o.rank = 0;
-		o.num_workers = 1;
-		o.timeout_ms = 5000;
 		clock_gettime(CLOCK_MONOTONIC, &t0);
-		int rc = kv_create("local", &o, &extra[nextra]);
+		int rc = create_in(k.sock, name, 0, 1, &extra[nextra]);
 		clock_gettime(CLOCK_MONOTONIC, &t1);
 		if (rc == KV_OK) {
 			float x[16] = { 0 };
@@ -300,15 +307,8 @@ Test(daemon, fd_limit_refuses_new_clients_and_serves_the_rest, .timeout = 60)
 	cr_assert_eq(waitpid(job, &st, 0), job);
 	cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the healthy job failed");
 	usleep(200000);
-	struct kv_options o;
 	kv_store *late;
-	kv_options_default(&o);
-	o.socket = k.sock;
-	o.job = "late";
-	o.rank = 0;
-	o.num_workers = 1;
-	o.timeout_ms = 5000;
-	cr_assert_eq(kv_create("local", &o, &late), KV_OK, "%s", kv_last_error(NULL));
+	cr_assert_eq(create_in(k.sock, "late", 0, 1, &late), KV_OK, "%s", kv_last_error(NULL));
 	kv_close(late);
 	munmap(stop, 4096);
 	kvd_stop(&k);
@@ -329,20 +329,15 @@ static int join_as_nobody(const struct kvd_proc *k, const gid_t *groups, int ngr
 	int st;
 
 	if (p == 0) {
-		struct kv_options o;
 		kv_store *kv = NULL;
 		int rc;
 
 		if (setgroups((size_t)ngroups, groups) || setgid(gid) || setuid(NOBODY_ID))
 			_exit(100);
-		kv_options_default(&o);
-		o.socket = k->sock;
-		o.job = "grpjob";
-		o.rank = 1;
-		o.num_workers = 2;
-		o.timeout_ms = 5000;
 		/* the rank the previous child held is free once kvd saw it close */
-		for (int i = 0; (rc = kv_create("local", &o, &kv)) == KV_ERR_EXISTS && i < 200; i++)
+		for (int i = 0; (rc = create_in(k->sock, "grpjob", 1, 2, &kv)) == KV_ERR_EXISTS &&
+				i < 200;
+		     i++)
 			usleep(10000);
 		if (kv)
 			kv_close(kv);
@@ -357,7 +352,6 @@ Test(daemon, allow_group_counts_supplementary_groups, .timeout = 30)
 {
 	static const char *const args[] = { "--allow-group", "4242", NULL };
 	const gid_t supp[] = { ALLOW_GID };
-	struct kv_options o;
 	struct kvd_proc k;
 	kv_store *kv = NULL;
 
@@ -365,13 +359,7 @@ Test(daemon, allow_group_counts_supplementary_groups, .timeout = 30)
 		cr_skip_test("needs root to act as another user");
 	cr_assert_eq(kvd_start(&k, args), 0);
 	cr_assert_eq(chmod(k.dir, 0755), 0);
-	kv_options_default(&o);
-	o.socket = k.sock;
-	o.job = "grpjob";
-	o.rank = 0;
-	o.num_workers = 2;
-	o.timeout_ms = 5000;
-	cr_assert_eq(kv_create("local", &o, &kv), KV_OK, "root's rank 0");
+	cr_assert_eq(create_in(k.sock, "grpjob", 0, 2, &kv), KV_OK, "root's rank 0");
 	int no_group = join_as_nobody(&k, NULL, 0, NOBODY_ID);
 	int primary = join_as_nobody(&k, NULL, 0, ALLOW_GID);
 	int supplementary = join_as_nobody(&k, supp, 1, NOBODY_ID);
@@ -390,20 +378,13 @@ Test(daemon, silent_connection_is_closed_after_hello_timeout, .timeout = 30)
 	static const char *const args[] = { "--hello-timeout", "1", NULL };
 	struct sockaddr_un a = { .sun_family = AF_UNIX };
 	struct kvd_proc k;
-	struct kv_options o;
 	kv_store *kv = NULL;
 	float v[4] = { 1, 2, 3, 4 };
 	char c;
 	int fd;
 
 	cr_assert_eq(kvd_start(&k, args), 0);
-	kv_options_default(&o);
-	o.socket = k.sock;
-	o.job = "quiet";
-	o.rank = 0;
-	o.num_workers = 1;
-	o.timeout_ms = 5000;
-	cr_assert_eq(kv_create("local", &o, &kv), KV_OK);
+	cr_assert_eq(create_in(k.sock, "quiet", 0, 1, &kv), KV_OK);
 	snprintf(a.sun_path, sizeof(a.sun_path), "%s", k.sock);
 	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 	cr_assert(fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0);

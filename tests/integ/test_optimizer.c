@@ -410,28 +410,14 @@ static void ref_step(const struct optp *p, uint64_t t, struct el *x, double graw
 			elg = p->lr * eg + RND(lg);
 			x->w = aw - lg;
 			x->ew = e_add(eaw, elg, x->w);
-		} else {
-			double wdw, ewdw, g2, eg2, ms, ems, lg, elg;
-
-			g = clipv(g, p->clip, clipped);
-			wdw = p->wd * w;
-			ewdw = p->wd * ew + RND(wdw);
-			g2 = g + wdw;
-			eg2 = e_add(eg, ewdw, g2);
-			ms = p->mom * x->s0;
-			ems = p->mom * x->es0 + RND(ms);
-			lg = p->lr * g2;
-			elg = p->lr * eg2 + RND(lg);
-			x->s0 = ms - lg;
-			x->es0 = e_add(ems, elg, x->s0);
-			x->w = w + x->s0;
-			x->ew = e_add(ew, x->es0, x->w);
+			break;
 		}
-		break;
+		/* SGD's momentum is NAG's (lr inside it) */
+		__attribute__((fallthrough));
 	case K_NAG: {
-		/* MXNet's nag_mom_update: m = mom * s0; s0 = m - lr * g2;
-		 * w = w - m + (mom + 1) * s0 */
-		double wdw, ewdw, g2, eg2, ms, ems, lg, elg, d, ed, c, ec, cs, ecs;
+		/* s0 = mom * s0 - lr * g2; SGD: w = w + s0; MXNet's nag_mom_update:
+		 * w = w - m + (mom + 1) * s0, with m = mom * s0 before */
+		double wdw, ewdw, g2, eg2, ms, ems, lg, elg;
 
 		g = clipv(g, p->clip, clipped);
 		wdw = p->wd * w;
@@ -444,14 +430,16 @@ static void ref_step(const struct optp *p, uint64_t t, struct el *x, double graw
 		elg = p->lr * eg2 + RND(lg);
 		x->s0 = ms - lg;
 		x->es0 = e_add(ems, elg, x->s0);
-		d = w - ms;
-		ed = e_add(ew, ems, d);
-		c = p->mom + 1;
-		ec = RND(c);
-		cs = c * x->s0;
-		ecs = e_mul(c, ec, x->s0, x->es0);
-		x->w = d + cs;
-		x->ew = e_add(ed, ecs, x->w);
+		if (p->kind == K_SGD) {
+			x->w = w + x->s0;
+			x->ew = e_add(ew, x->es0, x->w);
+		} else {
+			double d = w - ms, ed = e_add(ew, ems, d), c = p->mom + 1, ec = RND(c);
+			double cs = c * x->s0, ecs = e_mul(c, ec, x->s0, x->es0);
+
+			x->w = d + cs;
+			x->ew = e_add(ed, ecs, x->w);
+		}
 		break;
 	}
 	case K_ADAM:
