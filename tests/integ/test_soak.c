@@ -16,8 +16,8 @@
  *    the job resumes where it stood: values are as of the last completed round;
  *  - every round is accounted for: every value returned or pulled is checked
  *    element by element against an independent formula, every rank keeps a
- *    ledger of the rounds it saw complete, and at the end each key has exactly
- *    as many rounds as the job ran steps.
+ *    ledger of the rounds it saw complete (one a kill cannot tear), and at the
+ *    end each key has exactly as many rounds as the job ran steps.
  *
  * The data.  Keys: "s32" (100 f32) and "s64" (1000 i64) are summed by kvd's
  * direct rounds, "big" (400,000 f32, 1.6 MB: two parts) by its engine.  A step
@@ -115,13 +115,31 @@ struct kill_rec {
 	int create_tries;
 };
 
-/* One process of a rank slot (incarnation): the rounds it saw complete. */
+/* What one process saw of one key: the rounds it saw complete and the sum of
+ * every element those rounds returned (wrapping). */
+struct ledger_ent {
+	int64_t first, last; /* rounds completed (0: none) */
+	uint64_t total;
+};
+
+/*
+ * One process of a rank slot (incarnation): its ledger.  The process may be
+ * SIGKILLed at any instruction, so an entry is never updated in place: the
+ * next entry is written into the spare copy and published by one aligned
+ * store of ver[k] (the live copy is led[k][ver[k] & 1]).  A kill leaves the
+ * ledger as of before or after the round, never half of it.
+ */
 struct inc_rec {
 	int used;
 	int slot;
-	int64_t first[SOAK_NKEYS], last[SOAK_NKEYS]; /* rounds completed (0: none) */
-	uint64_t total[SOAK_NKEYS];                  /* sum of every element returned, wrapping */
+	uint64_t ver[SOAK_NKEYS];
+	struct ledger_ent led[SOAK_NKEYS][2];
 };
+
+static const struct ledger_ent *led_of(const struct inc_rec *r, int k)
+{
+	return &r->led[k][__atomic_load_n(&r->ver[k], __ATOMIC_ACQUIRE) & 1];
+}
 
 struct soak_shm {
 	uint32_t kill_gen; /* kills so far; kills[kill_gen] is the last */
@@ -389,14 +407,16 @@ static int pull_rounds(struct rk *x, int k, int64_t *c)
 static void ledger(struct rk *x, int k, int64_t j)
 {
 	const void *b = x->out[k];
-	uint64_t t = 0;
+	const struct ledger_ent *cur = led_of(x->rec, k);
+	uint64_t t = 0, v = x->rec->ver[k] + 1;
+	struct ledger_ent *next = &x->rec->led[k][v & 1];
 
 	for (size_t e = 0; e < keys[k].count; e++)
 		t += (uint64_t)elem_get(k, b, e);
-	x->rec->total[k] += t;
-	if (!x->rec->first[k])
-		x->rec->first[k] = j;
-	x->rec->last[k] = j;
+	next->total = cur->total + t;
+	next->first = cur->first ? cur->first : j;
+	next->last = j;
+	__atomic_store_n(&x->rec->ver[k], v, __ATOMIC_RELEASE);
 	__atomic_or_fetch(&sh->seen[k][j], (uint8_t)(1u << x->slot), __ATOMIC_RELAXED);
 }
 
@@ -423,9 +443,9 @@ static int do_round(struct rk *x, int k, int64_t j)
 	int rc, prc;
 
 	CHECK(j > 0 && j < SOAK_MAXROUNDS, "round %lld out of range", (long long)j);
-	CHECK(!x->rec->last[k] || x->rec->last[k] == j - 1,
+	CHECK(!led_of(x->rec, k)->last || led_of(x->rec, k)->last == j - 1,
 	      "key '%s': round %lld after round %lld", keys[k].name, (long long)j,
-	      (long long)x->rec->last[k]);
+	      (long long)led_of(x->rec, k)->last);
 	fill_contrib(k, x->slot, j, x->in[k]);
 	for (;;) {
 		t0 = now_ns();
@@ -860,20 +880,20 @@ static int verify_job(struct phase *p, int64_t T, struct soak_stats *st, char *w
 				gsum[jm] += (uint64_t)(sum_want(k, n, jm, e) - jm * keys[k].w);
 		}
 		for (int i = 0; i < p->ninc; i++) {
-			struct inc_rec *r = &incs[i];
+			const struct ledger_ent *r = led_of(&incs[i], k);
 			uint64_t want = 0;
-			if (!r->used || !r->first[k])
+			if (!incs[i].used || !r->first)
 				continue;
-			for (int64_t j = r->first[k]; j <= r->last[k]; j++)
+			for (int64_t j = r->first; j <= r->last; j++)
 				want += (uint64_t)keys[k].count * (uint64_t)j *
 						(uint64_t)keys[k].w +
 					gsum[j % 128];
-			if (want != r->total[k]) {
+			if (want != r->total) {
 				snprintf(why, whylen,
 					 "process %d (rank %d): running total of '%s' over rounds "
 					 "%lld-%lld is %llu, want %llu",
-					 i, r->slot, keys[k].name, (long long)r->first[k],
-					 (long long)r->last[k], (unsigned long long)r->total[k],
+					 i, incs[i].slot, keys[k].name, (long long)r->first,
+					 (long long)r->last, (unsigned long long)r->total,
 					 (unsigned long long)want);
 				return -1;
 			}
@@ -882,10 +902,10 @@ static int verify_job(struct phase *p, int64_t T, struct soak_stats *st, char *w
 	/* the processes that lived to the end saw the same last round */
 	for (int k = 0; k < SOAK_NKEYS; k++)
 		for (int r = 0; r < n; r++)
-			if (incs[p->inc_of[r]].last[k] != T) {
+			if (led_of(&incs[p->inc_of[r]], k)->last != T) {
 				snprintf(why, whylen,
 					 "rank %d ended at round %lld of '%s', want %lld", r,
-					 (long long)incs[p->inc_of[r]].last[k], keys[k].name,
+					 (long long)led_of(&incs[p->inc_of[r]], k)->last, keys[k].name,
 					 (long long)T);
 				return -1;
 			}
