@@ -75,20 +75,44 @@ static size_t part_n(const struct key *k, uint32_t p)
 	return (size_t)(left < k->part_elems ? left : k->part_elems);
 }
 
-/* The value of a key as it stands: the engine's copy, or a direct key's result. */
-static const uint8_t *key_value(struct job *j, struct key *k)
+static uint8_t *direct_value(struct job *j, struct key *k)
 {
-	if (key_direct(k)) {
-		uint32_t done = __atomic_load_n(&k->dkey->done, __ATOMIC_ACQUIRE);
-		return (const uint8_t *)k->dkey +
-		       kv_dkey_result_off((uint32_t)j->num_workers, k->count * k->esize, done & 1);
-	}
-	return k->value;
+	uint32_t done = __atomic_load_n(&k->dkey->done, __ATOMIC_ACQUIRE);
+
+	return (uint8_t *)k->dkey +
+	       kv_dkey_result_off((uint32_t)j->num_workers, k->count * k->esize, done & 1);
 }
 
-static uint8_t *key_value_w(struct job *j, struct key *k)
+/* The value of a key as it stands into dst: a direct key's result, or each
+ * part's live copy. */
+static void key_value_get(struct job *j, struct key *k, uint8_t *dst)
 {
-	return (uint8_t *)key_value(j, k);
+	if (key_direct(k)) {
+		memcpy(dst, direct_value(j, k), k->count * k->esize);
+		return;
+	}
+	for (uint32_t p = 0; p < k->nparts; p++)
+		memcpy(dst + (size_t)p * k->part_elems * k->esize, part_live(k, p),
+		       part_n(k, p) * k->esize);
+}
+
+/* val becomes the key's value: in a direct key's result, or in each part's
+ * spare copy, published with the part's state. */
+static void key_value_put(struct job *j, struct key *k, const uint8_t *val)
+{
+	if (key_direct(k)) {
+		memcpy(direct_value(j, k), val, k->count * k->esize);
+		__atomic_store_n(&k->dkey->has_value, 1, __ATOMIC_RELEASE);
+		return;
+	}
+	for (uint32_t p = 0; p < k->nparts; p++) {
+		memcpy(part_spare(k, p), val + (size_t)p * k->part_elems * k->esize,
+		       part_n(k, p) * k->esize);
+		k->parts[p].has_value = true;
+		part_publish(k, p);
+	}
+	k->parts_valued = k->nparts;
+	__atomic_store_n(&k->has_value, 1, __ATOMIC_RELEASE);
 }
 
 /* The part's state arrays, in file order; returns how many (master first). */
@@ -156,7 +180,7 @@ int ckpt_snapshot(struct job *j, bool dump_spec, uint8_t **out, size_t *outlen, 
 		w += sizeof(ck);
 		memcpy(w, k->name, k->name_len);
 		w += pad8(k->name_len);
-		memcpy(w, key_value(j, k), k->count * k->esize);
+		key_value_get(j, k, w);
 		w += pad8(k->count * k->esize);
 		for (uint32_t p = 0; p < k->nparts; p++) {
 			memcpy(w, &k->parts[p].opt_t, 8);
@@ -371,15 +395,7 @@ int ckpt_restore(struct job *j, const uint8_t *buf, size_t len, char *why, size_
 					       part_n(k, p) * sizeof(float));
 			}
 			if (pass == 1) {
-				memcpy(key_value_w(j, k), val, k->count * k->esize);
-				if (key_direct(k)) {
-					__atomic_store_n(&k->dkey->has_value, 1, __ATOMIC_RELEASE);
-				} else {
-					for (uint32_t p = 0; p < k->nparts; p++)
-						k->parts[p].has_value = true;
-					k->parts_valued = k->nparts;
-					__atomic_store_n(&k->has_value, 1, __ATOMIC_RELEASE);
-				}
+				key_value_put(j, k, val);
 			}
 		}
 		if (r.p != r.end) {

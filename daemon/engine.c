@@ -75,13 +75,14 @@ struct task {
 	size_t n;
 	int nin, nout;
 	struct client **refs; /* clients whose memory the task touches (nin of them) */
-	uint8_t **ptrs;       /* nin inputs, then nout outputs (outs[0]: the value, or
-			       * with an optimizer the summed gradient) */
+	uint8_t **ptrs;       /* nin inputs, then nout outputs (outs[0]: the part's spare
+			       * copy, or with an optimizer the summed gradient) */
 	/* optimizer rounds: outs[0] is the gradient scratch; then the update */
 	struct opt_params opt;
 	uint64_t t;
 	float *weight, *s0, *s1; /* weight: the value (f32 keys) or the master copy */
-	uint8_t *value;          /* the key's value part */
+	uint8_t *value;          /* the part's spare copy: the value the round publishes */
+	const uint8_t *live;     /* f32 optimizer rounds: the weight the update starts from */
 	uint8_t *scratch;        /* malloc'd, freed with the task */
 	int status;              /* what the kernels said */
 };
@@ -259,11 +260,6 @@ static size_t part_elems(const struct key *k, uint32_t part)
 	return (size_t)(left < k->part_elems ? left : k->part_elems);
 }
 
-static uint8_t *part_value(const struct key *k, uint32_t part)
-{
-	return k->value + (size_t)part * k->part_elems * k->esize;
-}
-
 /* A location inside one of c's segments, or NULL (*bad set when it is not). */
 static uint8_t *resolve(struct client *c, const struct kv_loc *l, size_t bytes, bool *bad)
 {
@@ -419,7 +415,7 @@ static int round_exec(int kind, kv_dtype t, uint8_t *const *ins, int nin, uint8_
 	}
 	if (nin <= REDUCE_MAX_INPUTS && nout <= REDUCE_MAX_INPUTS)
 		return reduce_sum(REDUCE_CPU, NULL, t, o, nout, in, nin, n);
-	/* many ranks: accumulate into outs[0] (the key's value, which aliases no
+	/* many ranks: accumulate into outs[0] (the part's spare copy, which aliases no
 	 * input), then copy it to the other outputs */
 	first = nin < REDUCE_MAX_INPUTS ? nin : REDUCE_MAX_INPUTS;
 	rc = reduce_sum(REDUCE_CPU, NULL, t, o, 1, in, first, n);
@@ -452,7 +448,7 @@ static void serve_pulls(struct engine *e, struct key *k, uint32_t part)
 		}
 		*pp = x->next;
 		x->next = NULL;
-		memcpy(x->out, part_value(k, part), bytes);
+		memcpy(x->out, part_live(k, part), bytes);
 		complete(e, x, KV_OK, p->rounds_done);
 	}
 }
@@ -489,6 +485,7 @@ static void round_done(struct engine *e, struct job *j, struct key *k, uint32_t 
 
 	p->rounds_done++;
 	mark_valued(k, p);
+	part_publish(k, part);
 	if (part == 0)
 		__atomic_add_fetch(&j->rounds, 1, __ATOMIC_RELAXED);
 	__atomic_add_fetch(&j->bytes_reduced, bytes, __ATOMIC_RELAXED);
@@ -553,7 +550,7 @@ static int part_opt_state(struct key *k, uint32_t part, const struct opt_cfg *op
 {
 	struct part *p = &k->parts[part];
 	size_t n = part_elems(k, part);
-	uint8_t *v = part_value(k, part);
+	uint8_t *v = part_live(k, part);
 
 	if ((p->s0 || p->master) && p->opt_fresh == opt->fresh)
 		return 0;
@@ -584,8 +581,8 @@ static struct task *round_task(struct job *j, struct key *k, uint32_t part)
 		t->ptrs[i] = p->head[i]->in;
 		t->refs[i] = p->head[i]->c;
 	}
-	t->ptrs[nin] = part_value(k, part);
-	t->value = part_value(k, part);
+	t->ptrs[nin] = part_spare(k, part);
+	t->value = part_spare(k, part);
 	/* a broadcast replaces the weight: an f16/bf16 key's master copy too */
 	if (kind == KIND_BCAST && p->master)
 		t->weight = p->master;
@@ -598,6 +595,7 @@ static struct task *round_task(struct job *j, struct key *k, uint32_t part)
 			t->opt = opt->p;
 			t->t = ++p->opt_t;
 			t->weight = p->master ? p->master : (float *)t->value;
+			t->live = p->master ? NULL : part_live(k, part);
 			t->s0 = p->s0;
 			t->s1 = p->s1;
 			t->ptrs[nin] = t->scratch;
@@ -630,7 +628,10 @@ static int task_run(struct task *t)
 			reduce_to_f32(t->weight, t->value, t->dtype, t->n);
 		return rc;
 	}
-	/* sum the gradient, update the weight (and its stored copy), hand it out */
+	/* sum the gradient, update the weight (and its stored copy), hand it out;
+	 * an f32 key's weight is its value: the update works on the spare copy */
+	if (t->live)
+		memcpy(t->value, t->live, t->n * sizeof(float));
 	rc = round_exec(KIND_SUM, t->dtype, t->ptrs, t->nin, outs, 1, t->n);
 	if (!rc)
 		rc = optim_update(REDUCE_CPU, NULL, &t->opt, t->t, t->weight, t->scratch, t->dtype,
@@ -783,7 +784,7 @@ static void do_pull(struct engine *e, struct contrib *x)
 	}
 	x->target = p->submitted[x->c->rank];
 	if (x->target <= p->rounds_done && !p->busy) {
-		memcpy(x->out, part_value(k, x->sqe.part), part_elems(k, x->sqe.part) * k->esize);
+		memcpy(x->out, part_live(k, x->sqe.part), part_elems(k, x->sqe.part) * k->esize);
 		complete(e, x, KV_OK, p->rounds_done);
 		return;
 	}
@@ -796,7 +797,7 @@ static void init_finish(struct engine *e, struct contrib *x)
 	struct key *k = x->key;
 
 	if (x->out)
-		memcpy(x->out, part_value(k, x->sqe.part), part_elems(k, x->sqe.part) * k->esize);
+		memcpy(x->out, part_live(k, x->sqe.part), part_elems(k, x->sqe.part) * k->esize);
 	complete(e, x, KV_OK, k->parts[x->sqe.part].rounds_done);
 }
 
@@ -828,8 +829,9 @@ static void do_init(struct engine *e, struct contrib *x)
 		p->init_waiters = x;
 		return;
 	}
-	memcpy(part_value(k, part), x->in, part_elems(k, part) * k->esize);
+	memcpy(part_spare(k, part), x->in, part_elems(k, part) * k->esize);
 	mark_valued(k, p);
+	part_publish(k, part);
 	init_finish(e, x);
 	while (p->init_waiters) {
 		struct contrib *w = p->init_waiters;

@@ -227,6 +227,38 @@ static void *job_alloc(struct kvd *d, struct job *j, bool direct, size_t bytes, 
 	return p;
 }
 
+/* An engine key's value block: every part at version 0, no value yet. */
+static int key_value_alloc(struct kvd *d, struct job *j, struct key *k, char *why, size_t whylen)
+{
+	uint64_t bytes = k->count * k->esize;
+	uint8_t *blk = job_alloc(d, j, false, kv_vblock_size(k->nparts, bytes), why, whylen);
+
+	if (!blk)
+		return -1;
+	k->vparts = (struct kv_vpart *)blk;
+	memset(k->vparts, 0, k->nparts * sizeof(struct kv_vpart));
+	k->vcopy[0] = blk + kv_vblock_copy_off(k->nparts, bytes, 0);
+	k->vcopy[1] = blk + kv_vblock_copy_off(k->nparts, bytes, 1);
+	return 0;
+}
+
+void part_publish(struct key *k, uint32_t part)
+{
+	struct part *p = &k->parts[part];
+	struct kv_vpart *v = &k->vparts[part];
+	uint64_t ver = p->ver + 1;
+
+	v->rec[ver & 1] = (struct kv_vrec){
+		.rounds = p->rounds_done,
+		.opt_t = p->opt_t,
+		.has_value = p->has_value,
+		.opt_fresh = p->opt_fresh,
+	};
+	/* the copy and record written before become the part's state */
+	__atomic_store_n(&v->ver, ver, __ATOMIC_RELEASE);
+	p->ver = ver;
+}
+
 void job_board_set(struct job *j, enum kv_board_state st)
 {
 	uint32_t n = __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE);
@@ -498,8 +530,8 @@ int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, int rank,
 		why[0] = '\0';
 	}
 	if (!k->dkey)
-		k->value = job_alloc(d, j, false, bytes, why, whylen);
-	if (!k->value && !k->dkey) {
+		key_value_alloc(d, j, k, why, whylen);
+	if (!k->vparts && !k->dkey) {
 		if (!why[0])
 			snprintf(why, whylen, "no room for the %llu bytes of key '%s'",
 				 (unsigned long long)bytes, k->name);
@@ -525,7 +557,7 @@ out_nomem:
 	if (k->dkey)
 		arena_free(&j->direct, k->dkey);
 	else
-		arena_free(&j->values, k->value);
+		arena_free(&j->values, k->vparts);
 	key_free(k, j->num_workers);
 	snprintf(why, whylen, "out of memory creating key '%.*s'", (int)len, name);
 	return KV_ERR_NOMEM;
@@ -551,21 +583,23 @@ int job_set_optimizer(struct kvd *d, struct job *j, struct opt_cfg *opt, char *w
 
 		if (!k->dkey || k->moved)
 			continue;
-		k->value = job_alloc(d, j, false, bytes, why, whylen);
-		if (!k->value) {
+		if (key_value_alloc(d, j, k, why, whylen)) {
 			if (!why[0])
 				snprintf(why, whylen, "no room for the value of key '%s'", k->name);
 			return KV_ERR_NOMEM;
 		}
 		has = __atomic_load_n(&k->dkey->has_value, __ATOMIC_ACQUIRE) != 0;
 		done = __atomic_load_n(&k->dkey->done, __ATOMIC_ACQUIRE);
+		/* every part's spare copy is copy 1: the direct result goes there */
 		if (has)
-			memcpy(k->value,
+			memcpy(k->vcopy[1],
 			       (uint8_t *)k->dkey + kv_dkey_result_off((uint32_t)j->num_workers, bytes,
 								       done & 1),
 			       bytes);
-		for (uint32_t p = 0; p < k->nparts; p++)
+		for (uint32_t p = 0; p < k->nparts; p++) {
 			k->parts[p].has_value = has;
+			part_publish(k, p);
+		}
 		k->parts_valued = has ? k->nparts : 0;
 		__atomic_store_n(&k->has_value, has ? 1 : 0, __ATOMIC_RELAXED);
 		__atomic_store_n(&k->dkey->moved, 1, __ATOMIC_SEQ_CST);

@@ -105,6 +105,7 @@ struct opt_cfg {
 
 struct part {
 	uint64_t rounds_done;     /* [eng] */
+	uint64_t ver;             /* [eng] publishes of the value: copy ver & 1 is live */
 	/* [eng] optimizer state, made at the part's first update */
 	float *master;   /* f32 master weights (f16/bf16 keys; f32 keys update the value) */
 	float *s0, *s1;  /* momentum, or Adam's mean and variance */
@@ -130,7 +131,10 @@ struct key {
 	uint64_t count;    /* [const] */
 	kv_dtype dtype;    /* [const] */
 	uint32_t esize, nparts, part_elems; /* [const] */
-	uint8_t *value;      /* [const] pointer; bytes written by the engine and workers */
+	/* engine keys: the value block (shm/layout.h), else NULL; [const] pointers,
+	 * bytes written by the engine and workers */
+	struct kv_vpart *vparts;
+	uint8_t *vcopy[2];
 	struct kv_dkey *dkey; /* [const] direct keys: the block in a direct segment, else NULL */
 	uint32_t dseg;        /* [const] which direct segment */
 	uint64_t doff;        /* [const] and where in it */
@@ -282,6 +286,24 @@ static inline bool key_direct(struct key *k)
 {
 	return k->dkey && !__atomic_load_n(&k->moved, __ATOMIC_ACQUIRE);
 }
+/* Part p of an engine key's value copy c (0 or 1; only its low bit counts). */
+static inline uint8_t *part_copy(const struct key *k, uint32_t part, uint64_t c)
+{
+	return k->vcopy[c & 1] + (size_t)part * k->part_elems * k->esize;
+}
+/* The part's value as of its last published round, and the copy the next one writes. */
+static inline uint8_t *part_live(const struct key *k, uint32_t part)
+{
+	return part_copy(k, part, k->parts[part].ver);
+}
+static inline uint8_t *part_spare(const struct key *k, uint32_t part)
+{
+	return part_copy(k, part, k->parts[part].ver + 1);
+}
+/* The spare copy of the part is written: record where the part stands with
+ * it and make it the live one (one release store).  Engine thread, or the
+ * control thread before the engine ever serves the key. */
+void part_publish(struct key *k, uint32_t part);
 /* Find or create; returns 0 or a KV_ERR_* with why filled. */
 /* rank: the requester's; only rank 0 creates a key (its init or broadcast
  * fixes the count and dtype), another rank's create finds KV_ERR_NOKEY

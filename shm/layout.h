@@ -27,7 +27,7 @@
 #include <stdint.h>
 
 #define KV_SHM_MAGIC 0x3a64766bu /* "kvd:" in little-endian bytes */
-#define KV_SHM_ABI 8u
+#define KV_SHM_ABI 9u
 #define KV_CACHELINE 64
 
 /* One SPSC ring's control words, each on its own cache line. */
@@ -291,6 +291,42 @@ static inline uint64_t kv_dkey_result_off(uint32_t num_workers, uint64_t bytes, 
 static inline uint64_t kv_dkey_size(uint32_t num_workers, uint64_t bytes)
 {
 	return kv_dkey_slot_off(num_workers, bytes, num_workers + 2);
+}
+
+/*
+ * An engine key's value block, in the job's value segments (kvd's alone:
+ * ranks are handed the segments' fds to keep, never to map):
+ *   struct kv_vpart[nparts] | copy 0 | copy 1   (each section 64-byte aligned)
+ * Part p of copy c starts p * part_elems * esize bytes into copy c.  Each
+ * part has two copies of its value, two records of how far it got, and a
+ * version word: copy and record ver & 1 are the part as of its last
+ * completed round.  A round (or an init, a broadcast, a load) writes the
+ * spare copy and record, then stores ver + 1 with release, so whatever
+ * instant kvd dies at, every part holds one whole round, never a mix.
+ */
+struct kv_vrec {
+	uint64_t rounds; /* rounds completed on the part */
+	uint64_t opt_t;  /* optimizer updates applied to it */
+	uint32_t has_value;
+	uint32_t opt_fresh; /* the optimizer states' generation */
+};
+_Static_assert(sizeof(struct kv_vrec) == 24, "vrec size");
+
+struct kv_vpart {
+	uint64_t ver;
+	struct kv_vrec rec[2];
+	uint8_t pad[KV_CACHELINE - 8 - 2 * sizeof(struct kv_vrec)];
+};
+_Static_assert(sizeof(struct kv_vpart) == KV_CACHELINE, "vpart size");
+
+static inline uint64_t kv_vblock_copy_off(uint32_t nparts, uint64_t bytes, unsigned c)
+{
+	return (uint64_t)nparts * sizeof(struct kv_vpart) + c * kv_dkey_stride(bytes);
+}
+
+static inline uint64_t kv_vblock_size(uint32_t nparts, uint64_t bytes)
+{
+	return kv_vblock_copy_off(nparts, bytes, 2);
 }
 
 #endif /* KV_SHM_LAYOUT_H */

@@ -186,9 +186,10 @@ static int uid_limit_rank(int rank, int n, const struct kvd_proc *k, void *arg)
 
 Test(daemon, max_uid_bytes_counts_all_jobs_of_a_uid, .timeout = 60)
 {
-	/* job a: a 16 MiB value + 16 MiB of staging; job b the same; a third 16 MiB
-	 * key would make 80; a small key's 8 MiB direct segment makes 72 */
-	static const char *const args[] = { "--max-uid-bytes", "72M", NULL };
+	/* job a: a 16 MiB key's value block (two copies: 32 MiB and its part
+	 * records) + 16 MiB of staging; job b the same, 96 MiB in all; a third
+	 * 16 MiB key would make 128; a small key's 8 MiB direct segment makes 104 */
+	static const char *const args[] = { "--max-uid-bytes", "110M", NULL };
 	struct kvd_proc k;
 	char why[256];
 	pid_t p;
