@@ -301,6 +301,62 @@ static int watchdog_start(struct ctl *x)
 
 /* ------------------------------------------------------------------ handlers */
 
+/* The job's segments of a kind: how many, and the fd of the i-th. */
+static uint32_t job_segs(const struct job *j, uint32_t kind, uint32_t i, int *fd)
+{
+	switch (kind) {
+	case KV_HOLD_MANIFEST:
+		*fd = i < j->nman ? j->man[i].fd : -1;
+		return j->nman;
+	case KV_HOLD_VALUES:
+		*fd = i < j->nvalue_segs ? j->value_segs[i].fd : -1;
+		return j->nvalue_segs;
+	case KV_HOLD_DIRECT:
+		*fd = i < j->ndirect_segs ? j->direct_segs[i].fd : -1;
+		return j->ndirect_segs;
+	default: /* KV_HOLD_BOARD */
+		*fd = j->board_fd;
+		return 1;
+	}
+}
+
+/*
+ * Hand a rank every segment of its job it does not hold yet (HOLD): the
+ * ranks keep them, so a job outlives a kvd that dies (README "Restarting
+ * kvd").  A send that fails (a rank not reading its socket) is tried again
+ * at the next change.
+ */
+static void hold_client(struct job *j, struct client *c)
+{
+	struct kv_msg m = { .type = KV_MSG_HOLD };
+	int fds[KV_HOLD_MAX];
+
+	for (uint32_t kind = KV_HOLD_MANIFEST; kind <= KV_HOLD_BOARD; kind++) {
+		int fd;
+		uint32_t n = job_segs(j, kind, 0, &fd);
+
+		while (c->held[kind] < n) {
+			uint32_t first = c->held[kind], k;
+			for (k = 0; k < KV_HOLD_MAX && first + k < n; k++) {
+				m.u.hold.kind[k] = kind;
+				m.u.hold.id[k] = first + k;
+				job_segs(j, kind, first + k, &fds[k]);
+			}
+			m.u.hold.n = k;
+			if (send_msg(c->conn, &m, fds, (int)k))
+				return;
+			c->held[kind] += k;
+		}
+	}
+}
+
+static void hold_sync(struct job *j)
+{
+	for (int r = 0; r < j->num_workers; r++)
+		if (j->ranks[r] && j->ranks[r]->conn)
+			hold_client(j, j->ranks[r]);
+}
+
 /* Returns 0 to keep the connection, < 0 to close it. */
 static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 {
@@ -357,9 +413,8 @@ static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 		goto out_refuse;
 	}
 	if (!j) {
-		j = job_create(d, name, cn->uid, nw);
+		j = job_create(d, name, cn->uid, nw, why, sizeof(why));
 		if (!j) {
-			snprintf(why, sizeof(why), "out of memory creating job '%s'", name);
 			code = KV_ERR_NOMEM;
 			goto out_refuse;
 		}
@@ -394,7 +449,10 @@ static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	snprintf(w.u.welcome.version, sizeof(w.u.welcome.version), "%s", KV_VERSION);
 	kvd_log("join job=%s rank=%d/%d pid=%d uid=%u%s", name, rank, nw, (int)cn->pid,
 		(unsigned)cn->uid, created ? " (new job)" : "");
-	return send_msg(cn, &w, fds, 3) ? -1 : 0;
+	if (send_msg(cn, &w, fds, 3))
+		return -1;
+	hold_client(j, c);
+	return 0;
 
 out_refuse:
 	pthread_mutex_unlock(&d->lock);
@@ -416,6 +474,8 @@ static int on_key_open(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 
 	if (rc)
 		return reply_error(cn, m->seq, rc, why) == -EAGAIN ? -1 : 0;
+	if (created)
+		hold_sync(c->job);
 	r.u.key.key_id = k->id;
 	r.u.key.nparts = k->nparts;
 	r.u.key.count = k->count;
@@ -546,6 +606,7 @@ static int on_optimizer(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	rc = job_set_optimizer(x->d, j, cfg, why, sizeof(why));
 	if (rc == 0)
 		j->opt_pending = NULL; /* now the job's; kept until the job ends */
+	hold_sync(j); /* values of the keys the engine took over */
 	opt_votes_reply(j, rc, rc ? why : "optimizer set");
 	return 0;
 }

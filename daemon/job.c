@@ -259,6 +259,112 @@ void part_publish(struct key *k, uint32_t part)
 	p->ver = ver;
 }
 
+/* Chunk c of the job's manifest, made when missing (chunk 0 with the job;
+ * later ones are charged to it).  0, or a KV_ERR_* with why. */
+static int man_chunk(struct kvd *d, struct job *j, uint32_t c, char *why, size_t whylen)
+{
+	uint64_t size = kv_man_size(c);
+	struct kv_man_hdr *h;
+	void *base;
+	int fd, err;
+
+	if (c < j->nman)
+		return 0;
+	if (c >= KV_MAN_CHUNKS || c != j->nman) {
+		snprintf(why, whylen, "the job's manifest is full");
+		return KV_ERR_NOMEM;
+	}
+	if (c && (err = job_charge(d, j, size, why, whylen)))
+		return err;
+	fd = seg_create("kvd-manifest", size);
+	if (fd < 0 || (err = seg_map(fd, size, 0, &base))) {
+		snprintf(why, whylen, "cannot make a %llu-byte manifest segment: %s",
+			 (unsigned long long)size, strerror(fd < 0 ? -fd : -err));
+		if (fd >= 0)
+			close(fd);
+		if (c)
+			job_uncharge(d, j, size);
+		return KV_ERR_NOMEM;
+	}
+	h = base;
+	h->magic = KV_MAN_MAGIC;
+	h->abi = KV_SHM_ABI;
+	h->num_workers = (uint32_t)j->num_workers;
+	h->chunk = c;
+	if (c == 0)
+		snprintf(h->job, sizeof(h->job), "%s", j->name);
+	j->man[c] = (struct seginfo){ fd, base, size };
+	j->nman = c + 1;
+	return 0;
+}
+
+static struct kv_mkey *man_rec(struct job *j, uint32_t id)
+{
+	uint32_t c = 0;
+
+	while (kv_man_first(c + 1) <= id)
+		c++;
+	return (struct kv_mkey *)(j->man[c].base + KV_MAN_HDR) + (id - kv_man_first(c));
+}
+
+/* Where the value block of engine key k lies, into its manifest record. */
+static void man_value(struct job *j, struct key *k, struct kv_mkey *r)
+{
+	uint32_t seg = 0;
+	uint64_t off = 0;
+
+	arena_locate(&j->values, k->vparts, 1, &seg, &off);
+	r->vseg = seg;
+	r->voff = off;
+}
+
+/* Room in the manifest for key id: its chunk, made if needed. */
+static int man_room(struct kvd *d, struct job *j, uint32_t id, char *why, size_t whylen)
+{
+	uint32_t c = 0;
+
+	while (kv_man_first(c + 1) <= id)
+		c++;
+	return man_chunk(d, j, c, why, whylen);
+}
+
+/* The record of a key just made, published by the manifest's nkeys. */
+static void man_key(struct job *j, struct key *k)
+{
+	struct kv_mkey *r = man_rec(j, k->id);
+
+	memset(r, 0, sizeof(*r));
+	r->count = k->count;
+	r->nparts = k->nparts;
+	r->part_elems = k->part_elems;
+	r->dtype = (uint8_t)k->dtype;
+	r->name_len = (uint16_t)k->name_len;
+	memcpy(r->name, k->name, k->name_len);
+	if (k->dkey) {
+		r->flags = KV_MKEY_DIRECT;
+		r->dseg = k->dseg;
+		r->doff = k->doff;
+	} else {
+		r->flags = KV_MKEY_VALUE;
+		man_value(j, k, r);
+	}
+	__atomic_store_n(&job_man(j)->nkeys, k->id + 1, __ATOMIC_RELEASE);
+}
+
+void job_man_opt(struct job *j, const struct opt_cfg *opt)
+{
+	struct kv_man_hdr *h = job_man(j);
+	uint64_t ver = h->opt_ver + 1;
+	struct kv_man_opt *o = &h->opt[ver & 1];
+
+	o->len = opt ? (uint32_t)strlen(opt->spec) : 0;
+	o->fresh = opt ? opt->fresh : 0;
+	memset(o->spec, 0, sizeof(o->spec));
+	if (opt)
+		memcpy(o->spec, opt->spec, o->len);
+	__atomic_store_n(&h->opt_ver, ver, __ATOMIC_RELEASE);
+}
+
 void job_board_set(struct job *j, enum kv_board_state st)
 {
 	uint32_t n = __atomic_load_n(&j->nkeys, __ATOMIC_ACQUIRE);
@@ -310,10 +416,12 @@ struct job *job_find(struct kvd *d, const char *name)
 	return NULL;
 }
 
-struct job *job_create(struct kvd *d, const char *name, uid_t uid, int num_workers)
+struct job *job_create(struct kvd *d, const char *name, uid_t uid, int num_workers, char *why,
+		       size_t whylen)
 {
 	struct job *j = calloc(1, sizeof(*j));
 
+	snprintf(why, whylen, "out of memory creating job '%s'", name);
 	if (!j)
 		return NULL;
 	j->names = calloc(1, sizeof(*j->names));
@@ -334,6 +442,9 @@ struct job *job_create(struct kvd *d, const char *name, uid_t uid, int num_worke
 	arena_init(&j->direct, job_grow, NULL);
 	j->board_fd = seg_create("kvd-board", KV_BOARD_SIZE);
 	if (j->board_fd < 0 || seg_map(j->board_fd, KV_BOARD_SIZE, 0, (void **)&j->board)) {
+		if (j->board_fd < 0)
+			snprintf(why, whylen, "cannot make job '%s' a board: %s", name,
+				 strerror(-j->board_fd));
 		if (j->board_fd >= 0)
 			close(j->board_fd);
 		free(j->names);
@@ -346,6 +457,15 @@ struct job *job_create(struct kvd *d, const char *name, uid_t uid, int num_worke
 	j->board->abi = KV_SHM_ABI;
 	j->board->num_workers = (uint32_t)num_workers;
 	j->board->state = KV_BOARD_JOINING;
+	if (man_chunk(d, j, 0, why, whylen)) {
+		seg_unmap(j->board, KV_BOARD_SIZE);
+		close(j->board_fd);
+		free(j->names);
+		free(j->ranks);
+		free(j->eng_ranks);
+		free(j);
+		return NULL;
+	}
 	return j;
 }
 
@@ -397,6 +517,12 @@ void job_free(struct kvd *d, struct job *j)
 	free(j->opt_votes);
 	seg_unmap(j->board, KV_BOARD_SIZE);
 	close(j->board_fd);
+	for (uint32_t c = 0; c < j->nman; c++) {
+		seg_unmap(j->man[c].base, j->man[c].size);
+		close(j->man[c].fd);
+		if (c)
+			job_uncharge(d, j, j->man[c].size);
+	}
 	if (j->names)
 		free(j->names->slots);
 	free(j->names);
@@ -473,6 +599,7 @@ int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, int rank,
 	uint32_t len = m->u.key_open.name_len;
 	struct key *k = keymap_find(j, name, len);
 	uint64_t bytes;
+	int rc;
 
 	*created = false;
 	if (k) {
@@ -505,6 +632,8 @@ int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, int rank,
 			 j->name, j->nkeys);
 		return KV_ERR_NOMEM;
 	}
+	if ((rc = man_room(d, j, j->nkeys, why, whylen)))
+		return rc;
 	bytes = m->u.key_open.count * kv_dtype_size((kv_dtype)m->u.key_open.dtype);
 	k = key_alloc(j, m, key_part_bytes(d, bytes));
 	if (!k) {
@@ -547,6 +676,7 @@ int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, int rank,
 	if (keymap_put(j, k))
 		goto out_nomem;
 	j->dir[k->id / KEY_BLOCK][k->id % KEY_BLOCK] = k;
+	man_key(j, k);
 	/* publishes the key built above to the engine; pairs with job_key() */
 	__atomic_store_n(&j->nkeys, k->id + 1, __ATOMIC_RELEASE);
 	*created = true;
@@ -600,6 +730,8 @@ int job_set_optimizer(struct kvd *d, struct job *j, struct opt_cfg *opt, char *w
 			k->parts[p].has_value = has;
 			part_publish(k, p);
 		}
+		man_value(j, k, man_rec(j, k->id));
+		__atomic_or_fetch(&man_rec(j, k->id)->flags, KV_MKEY_VALUE, __ATOMIC_RELEASE);
 		k->parts_valued = has ? k->nparts : 0;
 		__atomic_store_n(&k->has_value, has ? 1 : 0, __ATOMIC_RELAXED);
 		__atomic_store_n(&k->dkey->moved, 1, __ATOMIC_SEQ_CST);
@@ -608,6 +740,7 @@ int job_set_optimizer(struct kvd *d, struct job *j, struct opt_cfg *opt, char *w
 	}
 	opt->fresh = cur && strcmp(cur->name, opt->name) == 0 ? cur->fresh : (cur ? cur->fresh + 1 : 1);
 	opt->older = cur;
+	job_man_opt(j, opt);
 	/* pairs with the load-acquire in the engine's round_task() */
 	__atomic_store_n(&j->opt, opt, __ATOMIC_RELEASE);
 	kvd_log("job %s: optimizer '%s'%s", j->name, opt->spec,

@@ -67,6 +67,7 @@ struct client {
 	struct job *job;   /* [const] once joined */
 	int rank;          /* [const] once joined */
 	struct conn *conn; /* [ctl] */
+	uint32_t held[KV_HOLD_KIND_MAX]; /* [ctl] the job's segments of each kind handed to it */
 
 	int ring_fd; /* [const] the ring segment */
 	uint8_t *ring_mem;
@@ -167,6 +168,8 @@ struct job {
 	struct arena direct;  /* [ctl] direct key blocks, in segments every rank maps */
 	struct seginfo *direct_segs;
 	uint32_t ndirect_segs, cap_direct_segs;
+	struct seginfo man[KV_MAN_CHUNKS]; /* [ctl] the manifest's chunks (shm/layout.h) */
+	uint32_t nman;                     /* [ctl] chunks made */
 	int board_fd;            /* [const] the job board every rank maps */
 	struct kv_board *board;  /* [const] pointer; state written by the engine only */
 	uint64_t bytes; /* [atomic] shared bytes held by the job (values and its clients) */
@@ -261,7 +264,9 @@ uint64_t kvd_now_ns(void);
 
 /* job.c - jobs, keys and accounting (control thread unless noted) */
 struct job *job_find(struct kvd *d, const char *name); /* under kvd.lock */
-struct job *job_create(struct kvd *d, const char *name, uid_t uid, int num_workers);
+/* NULL with why when out of memory or descriptors */
+struct job *job_create(struct kvd *d, const char *name, uid_t uid, int num_workers, char *why,
+		       size_t whylen);
 void job_free(struct kvd *d, struct job *j); /* engine, when gone and idle */
 static inline uint32_t job_nkeys(struct job *j)
 {
@@ -286,6 +291,19 @@ static inline bool key_direct(struct key *k)
 {
 	return k->dkey && !__atomic_load_n(&k->moved, __ATOMIC_ACQUIRE);
 }
+_Static_assert(KV_MAN_JOB > KV_JOB_MAX && KV_MAN_SPEC > KV_SPEC_MAX && KV_KEY_MAX < 256,
+	       "manifest fields hold names and specs");
+_Static_assert((uint64_t)KV_MAN_KEYS0 * ((1u << KV_MAN_CHUNKS) - 1u) >= KEY_DIR * KEY_BLOCK,
+	       "the manifest has room for every key");
+
+/* The manifest's chunk 0 header, as kvd writes it. */
+static inline struct kv_man_hdr *job_man(struct job *j)
+{
+	return (struct kv_man_hdr *)j->man[0].base;
+}
+/* The job's optimizer is now opt: record it in the manifest. */
+void job_man_opt(struct job *j, const struct opt_cfg *opt);
+
 /* Part p of an engine key's value copy c (0 or 1; only its low bit counts). */
 static inline uint8_t *part_copy(const struct key *k, uint32_t part, uint64_t c)
 {

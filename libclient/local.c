@@ -74,10 +74,39 @@ void mark_dead(struct local *l, int code, const char *why)
 }
 
 /* A message kvd sent on its own (not a reply): it says the store is over. */
-static void unsolicited(struct local *l, const struct kv_msg *m)
+/* Keep a segment kvd handed over, unless one of that kind and id is kept already. */
+static void hold(struct local *l, uint32_t kind, uint32_t id, int fd)
+{
+	for (uint32_t i = 0; i < l->nheld; i++)
+		if (l->held[i].kind == kind && l->held[i].id == id) {
+			close(fd);
+			return;
+		}
+	if (l->nheld == l->capheld) {
+		uint32_t cap = l->capheld ? l->capheld * 2 : 16;
+		struct lheld *n = realloc(l->held, cap * sizeof(*n));
+		if (!n) {
+			close(fd); /* only a restart of kvd would miss it */
+			return;
+		}
+		l->held = n;
+		l->capheld = cap;
+	}
+	l->held[l->nheld++] = (struct lheld){ kind, id, fd };
+}
+
+/* A message kvd sent on its own, with the fds that came along (taken). */
+static void unsolicited(struct local *l, const struct kv_msg *m, int *fds, int nfds)
 {
 	char why[256];
 
+	if (m->type == KV_MSG_HOLD && (uint32_t)nfds == m->u.hold.n) {
+		for (int i = 0; i < nfds; i++)
+			hold(l, m->u.hold.kind[i], m->u.hold.id[i], fds[i]);
+		return;
+	}
+	for (int i = 0; i < nfds; i++)
+		close(fds[i]);
 	if (m->type == KV_MSG_ERROR) {
 		snprintf(why, sizeof(why), "%.*s", (int)m->u.error.len, m->u.error.text);
 		mark_dead(l, m->u.error.code ? m->u.error.code : KV_ERR_DAEMON, why);
@@ -160,9 +189,7 @@ static int request_fd(struct local *l, struct kv_msg *m, struct kv_msg *reply, u
 		if (rc)
 			return fail(err, rc, "%s", l->dead_why);
 		if (reply->seq != m->seq) {
-			for (int i = 0; i < nfds; i++)
-				close(fds[i]);
-			unsolicited(l, reply);
+			unsolicited(l, reply, fds, nfds);
 			if (l->dead)
 				return fail(err, l->dead_code, "%s", l->dead_why);
 			continue;
@@ -196,9 +223,7 @@ void check_daemon(struct local *l)
 	while (!l->dead && poll(&p, 1, 0) > 0) {
 		if (recv_one(l, buf, &m, fds, &nfds, 0))
 			return;
-		for (int i = 0; i < nfds; i++)
-			close(fds[i]);
-		unsolicited(l, &m);
+		unsolicited(l, &m, fds, nfds);
 	}
 }
 
@@ -1144,6 +1169,9 @@ void local_destroy(struct local *l)
 		close(l->segs[i].fd);
 	}
 	free(l->segs);
+	for (uint32_t i = 0; i < l->nheld; i++)
+		close(l->held[i].fd);
+	free(l->held);
 	arena_fini(&l->arena);
 	for (uint32_t i = 0; i < l->capkeys; i++) {
 		if (l->keys[i]) {

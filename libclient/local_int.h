@@ -68,6 +68,13 @@ struct lseg {
 	size_t size;
 };
 
+/* A segment of the job kvd asked this rank to keep (HOLD): never mapped,
+ * handed back to a kvd that restarted (README "Restarting kvd"). */
+struct lheld {
+	uint32_t kind, id; /* enum kv_hold_kind, its index */
+	int fd;
+};
+
 struct local {
 	struct kv_board *board; /* the job's board: state of the job */
 	struct lseg *dsegs;     /* direct segments, by kvd's id */
@@ -91,6 +98,8 @@ struct local {
 	bool gpu;       /* a GPU is usable: segments are pinned, device pointers work */
 	bool crowded;   /* the job has more ranks than this process has CPUs */
 	uint64_t daemon_seen_ns; /* direct ops: when the socket was last looked at */
+	struct lheld *held;
+	uint32_t nheld, capheld;
 	bool dead;
 	int dead_code;
 	char dead_why[256];

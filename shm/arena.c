@@ -217,6 +217,84 @@ void *arena_alloc(struct arena *a, size_t bytes)
 	return a->segs[i].base + off;
 }
 
+int arena_add_seg(struct arena *a, uint32_t id, uint8_t *base, size_t size)
+{
+	struct arena_seg s = { .id = id, .base = base, .size = size };
+
+	if (a->nsegs == a->cap) {
+		uint32_t cap = a->cap ? a->cap * 2 : 8;
+		struct arena_seg *n = realloc(a->segs, cap * sizeof(*n));
+		if (!n)
+			return -ENOMEM;
+		a->segs = n;
+		a->cap = cap;
+	}
+	s.free = malloc(sizeof(*s.free));
+	if (!s.free)
+		return -ENOMEM;
+	*s.free = (struct arena_blk){ 0, size & ~(size_t)(ARENA_ALIGN - 1), NULL };
+	a->segs[a->nsegs++] = s;
+	return 0;
+}
+
+/* Take [off, off + size) out of seg's free list; -EEXIST when any of it is taken. */
+static int seg_take_at(struct arena_seg *s, size_t off, size_t size)
+{
+	struct arena_blk **pp = &s->free;
+
+	for (struct arena_blk *b = *pp; b; pp = &b->next, b = *pp) {
+		if (b->off > off)
+			break;
+		if (off - b->off > b->size || size > b->size - (off - b->off))
+			continue;
+		if (b->off == off) { /* from the front */
+			b->off += size;
+			b->size -= size;
+			if (!b->size) {
+				*pp = b->next;
+				free(b);
+			}
+		} else if (off + size == b->off + b->size) { /* from the back */
+			b->size -= size;
+		} else { /* from the middle: two blocks */
+			struct arena_blk *t = malloc(sizeof(*t));
+			if (!t)
+				return -ENOMEM;
+			t->off = off + size;
+			t->size = b->off + b->size - t->off;
+			t->next = b->next;
+			b->size = off - b->off;
+			b->next = t;
+		}
+		s->used += size;
+		return 0;
+	}
+	return -EEXIST;
+}
+
+int arena_reserve(struct arena *a, uint32_t id, uint64_t off, size_t bytes, void **p)
+{
+	size_t size = (bytes + ARENA_ALIGN - 1) & ~(size_t)(ARENA_ALIGN - 1);
+	uint32_t i;
+	int rc;
+
+	for (i = 0; i < a->nsegs && a->segs[i].id != id; i++)
+		;
+	if (i == a->nsegs || bytes == 0 || off % ARENA_ALIGN || off > a->segs[i].size ||
+	    size > a->segs[i].size - off)
+		return -EINVAL;
+	rc = seg_take_at(&a->segs[i], (size_t)off, size);
+	if (rc)
+		return rc;
+	if (live_add(a, (uintptr_t)(a->segs[i].base + off), size, i)) {
+		seg_give(&a->segs[i], (size_t)off, size);
+		return -ENOMEM;
+	}
+	a->bytes_live += size;
+	*p = a->segs[i].base + off;
+	return 0;
+}
+
 int arena_free(struct arena *a, void *p)
 {
 	struct arena_live *e = p ? live_find(a, (uintptr_t)p) : NULL;

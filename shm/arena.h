@@ -55,6 +55,15 @@ void arena_fini(struct arena *a);
 
 /* A block of at least bytes (> 0), or NULL with errno set (ENOMEM, or the grow error). */
 void *arena_alloc(struct arena *a, size_t bytes);
+/*
+ * Taking back an arena whose blocks are known (a job re-adopted after kvd
+ * restarts): add a segment the owner mapped under its id, then reserve each
+ * block at its offset.  arena_reserve returns 0 with *p, -EINVAL for a range
+ * outside the segment (or unaligned), -EEXIST when it overlaps a block
+ * reserved before, -ENOMEM.
+ */
+int arena_add_seg(struct arena *a, uint32_t id, uint8_t *base, size_t size);
+int arena_reserve(struct arena *a, uint32_t id, uint64_t off, size_t bytes, void **p);
 /* Returns 0, or -EINVAL when p is not a live block of this arena. */
 int arena_free(struct arena *a, void *p);
 /* Size of the live block at p, or 0. */

@@ -329,4 +329,69 @@ static inline uint64_t kv_vblock_size(uint32_t nparts, uint64_t bytes)
 	return kv_vblock_copy_off(nparts, bytes, 2);
 }
 
+/*
+ * The job manifest: what a kvd needs to take a job back after a restart.
+ * kvd's control thread alone writes it; every rank holds (never maps) its
+ * segments, so it lives exactly as long as some rank of the job does.
+ * Chunk c is a segment of KV_MAN_HDR bytes then room for KV_MAN_KEYS0 << c
+ * key records, those of key ids kv_man_first(c) onwards; chunk 0's header
+ * describes the job.  A key's record is written once, before the key is
+ * handed out, and published by chunk 0's nkeys (release); a direct key that
+ * an optimizer moves to the engine gets its value block recorded, then
+ * KV_MKEY_VALUE.  The optimizer spec is double-buffered like a part.
+ */
+#define KV_MAN_MAGIC 0x4e4d564bu /* "KVMN" */
+#define KV_MAN_HDR 4096u
+#define KV_MAN_KEYS0 256u
+#define KV_MAN_CHUNKS 16u /* KV_MAN_KEYS0 * (2^16 - 1) keys: more than kvd allows */
+#define KV_MAN_JOB 136u   /* a job name and its NUL, padded */
+#define KV_MAN_SPEC 1032u /* an optimizer spec and its NUL, padded */
+
+struct kv_man_opt {
+	uint32_t len;   /* 0: no optimizer */
+	uint32_t fresh; /* the states' generation */
+	char spec[KV_MAN_SPEC];
+};
+
+struct kv_man_hdr {
+	uint32_t magic;
+	uint32_t abi;
+	uint32_t num_workers;
+	uint32_t chunk; /* this chunk's index */
+	uint32_t nkeys; /* chunk 0: records published */
+	uint32_t pad0;
+	uint64_t opt_ver; /* chunk 0: opt[opt_ver & 1] is the job's optimizer */
+	char job[KV_MAN_JOB];
+	struct kv_man_opt opt[2];
+};
+_Static_assert(sizeof(struct kv_man_hdr) <= KV_MAN_HDR, "manifest header size");
+
+enum kv_mkey_flags {
+	KV_MKEY_DIRECT = 1 << 0, /* dseg/doff: the key's block in a direct segment */
+	KV_MKEY_VALUE = 1 << 1,  /* vseg/voff: its value block in a value segment */
+};
+
+struct kv_mkey {
+	uint64_t count;
+	uint64_t doff, voff;
+	uint32_t dseg, vseg;
+	uint32_t nparts, part_elems;
+	uint32_t flags; /* enum kv_mkey_flags */
+	uint16_t name_len;
+	uint8_t dtype, pad0;
+	char name[256];
+	uint8_t pad[16];
+};
+_Static_assert(sizeof(struct kv_mkey) == 320, "mkey size");
+
+static inline uint32_t kv_man_first(uint32_t chunk)
+{
+	return KV_MAN_KEYS0 * ((1u << chunk) - 1u);
+}
+
+static inline uint64_t kv_man_size(uint32_t chunk)
+{
+	return KV_MAN_HDR + (uint64_t)(KV_MAN_KEYS0 << chunk) * sizeof(struct kv_mkey);
+}
+
 #endif /* KV_SHM_LAYOUT_H */

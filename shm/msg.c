@@ -10,6 +10,7 @@
  */
 #include "msg.h"
 
+#include <stdbool.h>
 #include <string.h>
 
 #include "../include/kv.h"
@@ -49,6 +50,14 @@ struct wire_seg {
 	uint64_t size;
 };
 _Static_assert(sizeof(struct wire_seg) == 16, "seg size");
+
+struct wire_hold {
+	uint32_t n;
+	uint32_t kind[KV_HOLD_MAX];
+	uint32_t id[KV_HOLD_MAX];
+	uint32_t rsvd[3];
+};
+_Static_assert(sizeof(struct wire_hold) == 48, "hold size");
 
 struct wire_key_open {
 	uint64_t count;
@@ -155,6 +164,9 @@ static size_t body_size(uint16_t type)
 		return sizeof(struct wire_status_req);
 	case KV_MSG_DROP:
 		return sizeof(struct wire_drop);
+	case KV_MSG_HOLD:
+	case KV_MSG_ADOPT:
+		return sizeof(struct wire_hold);
 	default:
 		return 0;
 	}
@@ -289,6 +301,31 @@ int kv_msg_decode(const void *buf, size_t len, struct kv_msg *m, const char **wh
 		if (m->u.seg_alloc.bytes == 0 || m->u.seg_alloc.bytes > (1ull << 40))
 			return fail(why, "seg alloc: bytes", KV_MSG_EFIELD);
 		return 0;
+	case KV_MSG_HOLD:
+	case KV_MSG_ADOPT: {
+		struct wire_hold w;
+
+		memcpy(&w, body, sizeof(w));
+		if (rest != sizeof(w))
+			return fail(why, "hold: length", KV_MSG_ELENGTH);
+		if (w.rsvd[0] || w.rsvd[1] || w.rsvd[2])
+			return fail(why, "hold: reserved", KV_MSG_EFIELD);
+		if (w.n < 1 || w.n > KV_HOLD_MAX)
+			return fail(why, "hold: count", KV_MSG_EFIELD);
+		for (uint32_t i = 0; i < KV_HOLD_MAX; i++) {
+			bool used = i < w.n;
+			if (used ? w.kind[i] < KV_HOLD_MANIFEST || w.kind[i] >= KV_HOLD_KIND_MAX ||
+					   (h.type == KV_MSG_HOLD && w.kind[i] == KV_HOLD_OWN)
+				 : w.kind[i] || w.id[i])
+				return fail(why, "hold: kind", KV_MSG_EFIELD);
+			if (used && w.id[i] >= 65536)
+				return fail(why, "hold: id", KV_MSG_EFIELD);
+		}
+		m->u.hold.n = w.n;
+		memcpy(m->u.hold.kind, w.kind, sizeof(w.kind));
+		memcpy(m->u.hold.id, w.id, sizeof(w.id));
+		return 0;
+	}
 	case KV_MSG_SEG:
 	case KV_MSG_SEG_FREE: {
 		struct wire_seg w;
@@ -466,6 +503,16 @@ size_t kv_msg_encode(const struct kv_msg *m, void *out, size_t cap)
 				m->u.file.len);
 	case KV_MSG_SEG_ALLOC:
 		return put(buf, cap, m, &m->u.seg_alloc.bytes, sizeof(uint64_t), NULL, 0);
+	case KV_MSG_HOLD:
+	case KV_MSG_ADOPT: {
+		struct wire_hold w = { .n = m->u.hold.n };
+
+		if (w.n < 1 || w.n > KV_HOLD_MAX)
+			return 0;
+		memcpy(w.kind, m->u.hold.kind, w.n * sizeof(w.kind[0]));
+		memcpy(w.id, m->u.hold.id, w.n * sizeof(w.id[0]));
+		return put(buf, cap, m, &w, sizeof(w), NULL, 0);
+	}
 	case KV_MSG_SEG: {
 		struct wire_seg w = { .seg_id = m->u.seg.seg_id, .size = m->u.seg.size };
 

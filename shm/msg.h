@@ -49,8 +49,27 @@ enum kv_msg_type {
 	KV_MSG_OPTIMIZER = 12, /* client -> kvd: set the job's optimizer */
 	KV_MSG_SAVE = 13,      /* client -> kvd, fd: directory; save optimizer states */
 	KV_MSG_LOAD = 14,      /* client -> kvd, fd: the file; load optimizer states */
-	KV_MSG_TYPE_MAX = 15,
+	KV_MSG_HOLD = 15,      /* kvd -> client, fds: segments of the job to keep */
+	KV_MSG_ADOPT = 16,     /* client -> kvd before a resuming hello, fds: what it kept */
+	KV_MSG_TYPE_MAX = 17,
 };
+
+enum kv_hello_flags {
+	/* kvd restarted: take the job back from the segments sent before
+	 * (ADOPT) if it has no such job, then join it as usual */
+	KV_HELLO_RESUME = 1 << 0,
+};
+
+/* What a held segment is (HOLD, ADOPT); id: its index among its kind. */
+enum kv_hold_kind {
+	KV_HOLD_MANIFEST = 1, /* a chunk of the job's manifest; id: the chunk */
+	KV_HOLD_VALUES = 2,   /* a value segment of the job */
+	KV_HOLD_DIRECT = 3,   /* a direct segment of the job */
+	KV_HOLD_BOARD = 4,    /* the job board; id 0 */
+	KV_HOLD_OWN = 5,      /* ADOPT only: the client's own arena segment */
+	KV_HOLD_KIND_MAX = 6,
+};
+#define KV_HOLD_MAX 4 /* segments per message (SEG_MAX_FDS) */
 
 enum kv_key_mode {
 	KV_KEY_FIND = 0,   /* the key must exist and hold a value */
@@ -160,6 +179,11 @@ struct kv_msg {
 			uint32_t len;
 			const char *spec;
 		} optimizer;
+		struct {
+			uint32_t n; /* 1..KV_HOLD_MAX, one fd each, in order */
+			uint32_t kind[KV_HOLD_MAX];
+			uint32_t id[KV_HOLD_MAX];
+		} hold; /* HOLD and ADOPT */
 		struct {
 			uint32_t flags; /* save: 1 = dump the optimizer spec too */
 			uint32_t len;

@@ -372,7 +372,7 @@ static int raw_send(int fd, const void *buf, size_t len)
  * Up to 8 descriptors that came with it go to fds (the rest are closed);
  * *nfds counts them all, *ctrunc tells whether some were cut off.
  */
-static ssize_t raw_recv(int fd, void *buf, size_t cap, int timeout_ms, int *fds, int *nfds)
+static ssize_t raw_recv1(int fd, void *buf, size_t cap, int timeout_ms, int *fds, int *nfds)
 {
 	union {
 		char b[CMSG_SPACE(sizeof(int) * 16)];
@@ -422,6 +422,24 @@ static void close_fds(const int *fds, int n)
 {
 	for (int i = 0; i < n && i < 8; i++)
 		close(fds[i]);
+}
+
+/* raw_recv1, passing over the segments kvd hands a rank to keep (HOLD),
+ * which these clients have no use for. */
+static ssize_t raw_recv(int fd, void *buf, size_t cap, int timeout_ms, int *fds, int *nfds)
+{
+	for (;;) {
+		ssize_t n = raw_recv1(fd, buf, cap, timeout_ms, fds, nfds);
+		struct kv_msg_hdr h;
+
+		if (n < (ssize_t)sizeof(h))
+			return n;
+		memcpy(&h, buf, sizeof(h));
+		if (h.magic != KV_MSG_MAGIC || h.type != KV_MSG_HOLD)
+			return n;
+		if (fds)
+			close_fds(fds, *nfds);
+	}
 }
 
 /*

@@ -128,3 +128,49 @@ Test(arena, random_against_model, .timeout = 60)
 	arena_fini(&a);
 	pool_free(&p);
 }
+
+/* Taking an arena back: blocks reserved at their offsets are what they were,
+ * overlaps and ranges outside a segment are refused, and what is left free
+ * is handed out as before (no block overlaps a reserved one). */
+Test(arena, reserve_takes_back_known_blocks)
+{
+	static uint8_t mem[2][1 << 16] __attribute__((aligned(64)));
+	struct arena a;
+	void *p, *q[4];
+	uint64_t offs[4] = { 0, 640, 4096, 65536 - 128 };
+	size_t sizes[4] = { 100, 3000, 64, 128 };
+
+	arena_init(&a, NULL, NULL);
+	cr_assert_eq(arena_add_seg(&a, 7, mem[0], sizeof(mem[0])), 0);
+	cr_assert_eq(arena_add_seg(&a, 9, mem[1], sizeof(mem[1])), 0);
+	for (int i = 0; i < 4; i++) {
+		cr_assert_eq(arena_reserve(&a, 7, offs[i], sizes[i], &q[i]), 0, "block %d", i);
+		cr_assert_eq(q[i], mem[0] + offs[i]);
+	}
+	/* overlapping a reserved block, by its start, middle or end */
+	cr_assert_eq(arena_reserve(&a, 7, 0, 64, &p), -EEXIST);
+	cr_assert_eq(arena_reserve(&a, 7, 576, 128, &p), -EEXIST);
+	cr_assert_eq(arena_reserve(&a, 7, 3584, 64, &p), -EEXIST);
+	/* unaligned, outside the segment, an unknown segment, nothing */
+	cr_assert_eq(arena_reserve(&a, 7, 8, 64, &p), -EINVAL);
+	cr_assert_eq(arena_reserve(&a, 7, 65536 - 64, 128, &p), -EINVAL);
+	cr_assert_eq(arena_reserve(&a, 7, UINT64_MAX - 63, 128, &p), -EINVAL);
+	cr_assert_eq(arena_reserve(&a, 8, 0, 64, &p), -EINVAL);
+	cr_assert_eq(arena_reserve(&a, 9, 0, 0, &p), -EINVAL);
+	cr_assert_eq(arena_block_size(&a, q[1]), 3008);
+	/* the gaps are free: 128..640 holds 512 bytes, and no more than that */
+	p = arena_alloc(&a, 512);
+	cr_assert_eq(p, mem[0] + 128);
+	/* everything handed out stays clear of the reserved blocks */
+	for (int n = 0; (p = arena_alloc(&a, 192)); n++) {
+		uint8_t *b = p;
+		for (int i = 0; i < 4; i++)
+			cr_assert(b + 192 <= (uint8_t *)q[i] ||
+				  b >= (uint8_t *)q[i] + ((sizes[i] + 63) & ~(size_t)63),
+				  "block %p overlaps reserved block %d", p, i);
+		cr_assert(n < 1000);
+	}
+	cr_assert_eq(arena_free(&a, q[2]), 0);
+	cr_assert_eq(arena_reserve(&a, 7, offs[2], sizes[2], &p), 0, "a freed range is free again");
+	arena_fini(&a);
+}

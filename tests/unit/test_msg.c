@@ -179,6 +179,57 @@ Test(msg, control_round_trip)
 	cr_assert_str_eq(d.u.drop.job, "victim");
 }
 
+/* HOLD and ADOPT: a list of up to four (kind, id) pairs, one per fd. */
+Test(msg, hold_and_adopt)
+{
+	struct kv_msg m = { .type = KV_MSG_HOLD }, d;
+	size_t n;
+
+	m.u.hold.n = 3;
+	m.u.hold.kind[0] = KV_HOLD_MANIFEST;
+	m.u.hold.kind[1] = KV_HOLD_VALUES;
+	m.u.hold.id[1] = 7;
+	m.u.hold.kind[2] = KV_HOLD_BOARD;
+	dec_ok(enc(&m), &d);
+	cr_assert_eq(d.u.hold.n, 3);
+	cr_assert_eq(d.u.hold.kind[1], KV_HOLD_VALUES);
+	cr_assert_eq(d.u.hold.id[1], 7);
+	cr_assert_eq(d.u.hold.kind[3], 0);
+
+	m.type = KV_MSG_ADOPT;
+	m.u.hold.kind[2] = KV_HOLD_OWN;
+	m.u.hold.id[2] = 65535;
+	dec_ok(enc(&m), &d);
+	cr_assert_eq(d.type, KV_MSG_ADOPT);
+	cr_assert_eq(d.u.hold.kind[2], KV_HOLD_OWN);
+	cr_assert_eq(d.u.hold.id[2], 65535);
+
+	/* kvd never hands out a client's own segment */
+	m.type = KV_MSG_HOLD;
+	n = enc(&m);
+	dec_fails(n, KV_MSG_EFIELD, "HOLD of an own segment");
+	m.u.hold.kind[2] = KV_HOLD_BOARD;
+	m.u.hold.id[2] = 65536;
+	dec_fails(enc(&m), KV_MSG_EFIELD, "id past 65535");
+	m.u.hold.id[2] = 0;
+	m.u.hold.kind[2] = KV_HOLD_KIND_MAX;
+	dec_fails(enc(&m), KV_MSG_EFIELD, "unknown kind");
+	m.u.hold.kind[2] = KV_HOLD_BOARD;
+	/* count 0 or 5, an entry past the count, reserved words: the wire says so */
+	n = enc(&m);
+	buf[16] = 0;
+	dec_fails(n, KV_MSG_EFIELD, "count 0");
+	buf[16] = 5;
+	dec_fails(n, KV_MSG_EFIELD, "count 5");
+	buf[16] = 2;
+	dec_fails(n, KV_MSG_EFIELD, "an entry past the count");
+	buf[16] = 3;
+	buf[16 + 36] = 1;
+	dec_fails(n, KV_MSG_EFIELD, "reserved");
+	m.u.hold.n = 0;
+	cr_assert_eq(kv_msg_encode(&m, buf, sizeof(buf)), 0, "nothing to hold");
+}
+
 static size_t valid_hello(void)
 {
 	struct kv_msg m = { .type = KV_MSG_HELLO };
