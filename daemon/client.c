@@ -8,6 +8,7 @@
  * never read back.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -114,6 +115,41 @@ int client_add_seg(struct kvd *d, struct client *c, uint64_t bytes, uint32_t *id
 	/* publishes segs[n] to the engine; pairs with the load-acquire in resolve() */
 	__atomic_store_n(&c->nsegs, n + 1, __ATOMIC_RELEASE);
 	*id = n;
+	return 0;
+}
+
+int client_adopt_seg(struct kvd *d, struct client *c, int fd, char *why, size_t whylen)
+{
+	uint32_t n = c->nsegs;
+	ssize_t size = seg_size(fd);
+	void *base;
+	int err;
+
+	if (n >= c->max_segs) {
+		snprintf(why, whylen, "the rank hands back more than %u segments, the limit", n);
+		return KV_ERR_NOMEM;
+	}
+	if (size <= 0) {
+		snprintf(why, whylen, "a segment the rank handed back is not one");
+		return KV_ERR_INVALID;
+	}
+	err = job_charge(d, c->job, (uint64_t)size, why, whylen);
+	if (err)
+		return err;
+	fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+	err = fd < 0 ? -errno : seg_map(fd, (size_t)size, 0, &base);
+	if (err) {
+		snprintf(why, whylen, "cannot map a segment the rank handed back: %s",
+			 strerror(-err));
+		if (fd >= 0)
+			close(fd);
+		job_uncharge(d, c->job, (uint64_t)size);
+		return KV_ERR_INVALID;
+	}
+	c->segs[n] = (struct seginfo){ fd, base, (uint64_t)size };
+	pin_segment(base, (uint64_t)size);
+	/* publishes segs[n] to the engine; pairs with the load-acquire in resolve() */
+	__atomic_store_n(&c->nsegs, n + 1, __ATOMIC_RELEASE);
 	return 0;
 }
 

@@ -39,6 +39,7 @@
 #define CONN_BUF 8192 /* the largest message a client sends is smaller */
 #define RING_DEPTH 256
 #define CMSG_BUF 64
+#define ADOPT_MAX 4096 /* segments a resuming rank may hand back */
 
 enum tag {
 	T_CONN = 0,
@@ -65,6 +66,8 @@ struct conn {
 	pid_t pid;
 	struct client *cl; /* after a hello */
 	bool said_hello;
+	struct kv_adopt *adopt; /* segments handed back before a resuming hello */
+	uint32_t nadopt, capadopt;
 	struct msghdr mh;
 	struct iovec iov;
 	union {
@@ -357,6 +360,75 @@ static void hold_sync(struct job *j)
 			hold_client(j, j->ranks[r]);
 }
 
+static void adopt_drop(struct conn *cn)
+{
+	for (uint32_t i = 0; i < cn->nadopt; i++)
+		close(cn->adopt[i].fd);
+	free(cn->adopt);
+	cn->adopt = NULL;
+	cn->nadopt = cn->capadopt = 0;
+}
+
+/* ADOPT, before a resuming hello: keep the segments (the fds are taken). */
+static int on_adopt(struct conn *cn, const struct kv_msg *m, const int *fds, int nfds)
+{
+	const char *why = NULL;
+
+	if ((uint32_t)nfds != m->u.hold.n)
+		why = "an ADOPT message without one descriptor per segment";
+	else if (cn->nadopt + (uint32_t)nfds > ADOPT_MAX)
+		why = "more segments handed back than any job has";
+	if (!why && cn->nadopt + (uint32_t)nfds > cn->capadopt) {
+		uint32_t cap = cn->capadopt ? cn->capadopt * 2 : 64;
+		struct kv_adopt *a = realloc(cn->adopt, cap * sizeof(*a));
+		if (!a)
+			why = "out of memory";
+		else {
+			cn->adopt = a;
+			cn->capadopt = cap;
+		}
+	}
+	if (why) {
+		for (int i = 0; i < nfds; i++)
+			close(fds[i]);
+		kvd_log("pid=%d: %s; disconnecting", (int)cn->pid, why);
+		reply_error(cn, m->seq, KV_ERR_PROTO, why);
+		return -1;
+	}
+	for (int i = 0; i < nfds; i++)
+		cn->adopt[cn->nadopt++] = (struct kv_adopt){ m->u.hold.kind[i], m->u.hold.id[i],
+							     fds[i] };
+	return 0;
+}
+
+/* Is the manifest this rank held the one job j has (the same segment)? */
+static bool adopt_same_job(const struct job *j, const struct conn *cn)
+{
+	struct stat a, b;
+
+	for (uint32_t i = 0; i < cn->nadopt; i++)
+		if (cn->adopt[i].kind == KV_HOLD_MANIFEST && cn->adopt[i].id == 0)
+			return fstat(cn->adopt[i].fd, &a) == 0 && fstat(j->man[0].fd, &b) == 0 &&
+			       a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+	return false;
+}
+
+/* A resuming rank's own arena segments, under the ids it used (0..n-1). */
+static int adopt_own(struct kvd *d, struct client *c, const struct conn *cn, char *why,
+		     size_t whylen)
+{
+	for (uint32_t id = 0;; id++) {
+		const struct kv_adopt *h = NULL;
+		for (uint32_t i = 0; i < cn->nadopt && !h; i++)
+			if (cn->adopt[i].kind == KV_HOLD_OWN && cn->adopt[i].id == id)
+				h = &cn->adopt[i];
+		if (!h)
+			return 0;
+		if (client_adopt_seg(d, c, h->fd, why, whylen))
+			return -1;
+	}
+}
+
 /* Returns 0 to keep the connection, < 0 to close it. */
 static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 {
@@ -366,7 +438,7 @@ static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	char why[256];
 	struct client *c;
 	struct job *j;
-	bool created = false;
+	bool created = false, resume = m->u.hello.flags & KV_HELLO_RESUME;
 	int code = KV_ERR_INVALID;
 
 	if (__atomic_load_n(&d->nclients, __ATOMIC_RELAXED) >= d->cfg.max_clients) {
@@ -412,17 +484,37 @@ static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 		code = KV_ERR_EXISTS;
 		goto out_refuse;
 	}
+	if (j && resume && !adopt_same_job(j, cn)) {
+		snprintf(why, sizeof(why),
+			 "job '%s' that kvd serves is not the one this rank was part of", name);
+		code = KV_ERR_EXISTS;
+		goto out_refuse;
+	}
 	if (!j) {
-		j = job_create(d, name, cn->uid, nw, why, sizeof(why));
+		/* a resuming rank brings the job back from what it kept */
+		j = resume ? job_adopt(d, name, cn->uid, nw, cn->adopt, cn->nadopt, why,
+				       sizeof(why))
+			   : job_create(d, name, cn->uid, nw, why, sizeof(why));
 		if (!j) {
-			code = KV_ERR_NOMEM;
+			code = resume ? KV_ERR_DAEMON : KV_ERR_NOMEM;
 			goto out_refuse;
 		}
-		j->next = d->jobs;
-		d->jobs = j;
 		created = true;
 	}
 	c->job = j;
+	if (resume && adopt_own(d, c, cn, why, sizeof(why))) {
+		client_free(d, c); /* uncharges its segments from j */
+		c = NULL;
+		if (created)
+			job_free(d, j);
+		code = KV_ERR_DAEMON;
+		goto out_refuse;
+	}
+	adopt_drop(cn);
+	if (created) {
+		j->next = d->jobs;
+		d->jobs = j;
+	}
 	c->rank = rank;
 	c->conn = cn;
 	j->ranks[rank] = c;
@@ -448,7 +540,9 @@ static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	w.u.welcome.max_segs = c->max_segs;
 	snprintf(w.u.welcome.version, sizeof(w.u.welcome.version), "%s", KV_VERSION);
 	kvd_log("join job=%s rank=%d/%d pid=%d uid=%u%s", name, rank, nw, (int)cn->pid,
-		(unsigned)cn->uid, created ? " (new job)" : "");
+		(unsigned)cn->uid,
+		created ? (resume ? " (job taken back after a restart)" : " (new job)")
+			: resume ? " (back after a restart)" : "");
 	if (send_msg(cn, &w, fds, 3))
 		return -1;
 	hold_client(j, c);
@@ -456,7 +550,8 @@ static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 
 out_refuse:
 	pthread_mutex_unlock(&d->lock);
-	client_free(d, c);
+	if (c)
+		client_free(d, c);
 	kvd_log("refused pid=%d uid=%u: %s", (int)cn->pid, (unsigned)cn->uid, why);
 	reply_error(cn, m->seq, code, why);
 	return -1;
@@ -659,7 +754,11 @@ static void handle(struct ctl *x, struct conn *cn, size_t len, const int *fds, i
 	char text[256];
 	int rc = kv_msg_decode(cn->buf, len, &m, &why);
 
-	/* only SAVE and LOAD carry an fd (one); the rest are closed below */
+	/* ADOPT carries its segments; SAVE and LOAD an fd (one); the rest none */
+	if (!rc && m.type == KV_MSG_ADOPT && !cn->said_hello) {
+		rc = on_adopt(cn, &m, fds, nfds);
+		goto out;
+	}
 	for (int i = 1; i < nfds; i++)
 		close(fds[i]);
 	if (nfds > 1)
@@ -864,6 +963,7 @@ static void conn_close(struct ctl *x, struct conn *cn)
 		engine_post(d, EV_LEAVE, c, last ? j : NULL);
 		status_changed(x);
 	}
+	adopt_drop(cn);
 	if (cn->prev)
 		cn->prev->next = cn->next;
 	else

@@ -841,6 +841,38 @@ static void do_init(struct engine *e, struct contrib *x)
 	}
 }
 
+/*
+ * A round op names the round it contributes to (out.tag, README "Restarting
+ * kvd"): a call repeated after kvd restarted names a round that may have
+ * completed already.  Then it is not applied again: it completes with that
+ * round's result (the live copy, or the spare one for the round before), or
+ * fails with KV_ERR_DAEMON when that is gone too.  True when x was answered.
+ */
+static bool done_before(struct engine *e, struct contrib *x)
+{
+	struct key *k = x->key;
+	struct part *p = &k->parts[x->sqe.part];
+	uint32_t want = x->sqe.out.tag;
+	const uint8_t *v;
+
+	if (!want || (int32_t)(want - (uint32_t)p->rounds_done) > 0 || p->busy)
+		return false;
+	if (want == (uint32_t)p->live_rounds)
+		v = part_live(k, x->sqe.part);
+	else if (want == (uint32_t)p->spare_rounds)
+		v = part_spare(k, x->sqe.part);
+	else
+		v = NULL;
+	if (!v) {
+		complete(e, x, KV_ERR_DAEMON, p->rounds_done);
+		return true;
+	}
+	if (x->out)
+		memcpy(x->out, v, part_elems(k, x->sqe.part) * k->esize);
+	complete(e, x, KV_OK, want);
+	return true;
+}
+
 static void do_round(struct engine *e, struct contrib *x)
 {
 	struct job *j = x->c->job;
@@ -853,6 +885,8 @@ static void do_round(struct engine *e, struct contrib *x)
 	 * while its earlier ones were summed with the rank that left */
 	bool stale = j->left_once && (int32_t)(x->sqe.in.tag - j->leave_epoch) < 0;
 
+	if (done_before(e, x))
+		return;
 	if (job_broken(j) || e->shutting_down || stale || x->sqe.user_data == x->c->failed_ud) {
 		/* the op's other parts fail too, even once the job is whole again */
 		complete(e, x, e->shutting_down ? KV_ERR_DAEMON : KV_ERR_PEER, p->rounds_done);

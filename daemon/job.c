@@ -10,6 +10,7 @@
  * counted against the job's limit like every other shared byte.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -248,6 +249,8 @@ void part_publish(struct key *k, uint32_t part)
 	struct kv_vpart *v = &k->vparts[part];
 	uint64_t ver = p->ver + 1;
 
+	p->spare_rounds = p->live_rounds;
+	p->live_rounds = p->rounds_done;
 	v->rec[ver & 1] = (struct kv_vrec){
 		.rounds = p->rounds_done,
 		.opt_t = p->opt_t,
@@ -416,14 +419,16 @@ struct job *job_find(struct kvd *d, const char *name)
 	return NULL;
 }
 
-struct job *job_create(struct kvd *d, const char *name, uid_t uid, int num_workers, char *why,
-		       size_t whylen)
+/* A job with no shared memory yet: board_fd -1, no manifest (job_free copes). */
+static struct job *job_new(const char *name, uid_t uid, int num_workers, char *why,
+			   size_t whylen)
 {
 	struct job *j = calloc(1, sizeof(*j));
 
 	snprintf(why, whylen, "out of memory creating job '%s'", name);
 	if (!j)
 		return NULL;
+	j->board_fd = -1;
 	j->names = calloc(1, sizeof(*j->names));
 	j->ranks = calloc((size_t)num_workers, sizeof(*j->ranks));
 	j->eng_ranks = calloc((size_t)num_workers, sizeof(*j->eng_ranks));
@@ -440,33 +445,36 @@ struct job *job_create(struct kvd *d, const char *name, uid_t uid, int num_worke
 	j->created = kvd_now();
 	arena_init(&j->values, job_grow, NULL);
 	arena_init(&j->direct, job_grow, NULL);
-	j->board_fd = seg_create("kvd-board", KV_BOARD_SIZE);
-	if (j->board_fd < 0 || seg_map(j->board_fd, KV_BOARD_SIZE, 0, (void **)&j->board)) {
-		if (j->board_fd < 0)
-			snprintf(why, whylen, "cannot make job '%s' a board: %s", name,
-				 strerror(-j->board_fd));
-		if (j->board_fd >= 0)
-			close(j->board_fd);
-		free(j->names);
-		free(j->ranks);
-		free(j->eng_ranks);
-		free(j);
+	return j;
+}
+
+struct job *job_create(struct kvd *d, const char *name, uid_t uid, int num_workers, char *why,
+		       size_t whylen)
+{
+	struct job *j = job_new(name, uid, num_workers, why, whylen);
+	int fd;
+
+	if (!j)
 		return NULL;
+	fd = seg_create("kvd-board", KV_BOARD_SIZE);
+	if (fd < 0) {
+		snprintf(why, whylen, "cannot make job '%s' a board: %s", name, strerror(-fd));
+		goto out_free;
 	}
+	j->board_fd = fd;
+	if (seg_map(fd, KV_BOARD_SIZE, 0, (void **)&j->board))
+		goto out_free;
 	j->board->magic = KV_SHM_MAGIC;
 	j->board->abi = KV_SHM_ABI;
 	j->board->num_workers = (uint32_t)num_workers;
 	j->board->state = KV_BOARD_JOINING;
-	if (man_chunk(d, j, 0, why, whylen)) {
-		seg_unmap(j->board, KV_BOARD_SIZE);
-		close(j->board_fd);
-		free(j->names);
-		free(j->ranks);
-		free(j->eng_ranks);
-		free(j);
-		return NULL;
-	}
+	if (man_chunk(d, j, 0, why, whylen))
+		goto out_free;
 	return j;
+
+out_free:
+	job_free(d, j);
+	return NULL;
 }
 
 static void key_free(struct key *k, int num_workers)
@@ -516,7 +524,8 @@ void job_free(struct kvd *d, struct job *j)
 	free(j->opt_pending);
 	free(j->opt_votes);
 	seg_unmap(j->board, KV_BOARD_SIZE);
-	close(j->board_fd);
+	if (j->board_fd >= 0)
+		close(j->board_fd);
 	for (uint32_t c = 0; c < j->nman; c++) {
 		seg_unmap(j->man[c].base, j->man[c].size);
 		close(j->man[c].fd);
@@ -555,21 +564,22 @@ static uint32_t key_part_bytes(struct kvd *d, uint64_t bytes)
 	return (uint32_t)p;
 }
 
-static struct key *key_alloc(struct job *j, const struct kv_msg *m, uint32_t part_bytes)
+static struct key *key_alloc(struct job *j, const char *name, uint32_t len, uint64_t count,
+			     kv_dtype t, uint32_t part_bytes)
 {
 	struct key *k = calloc(1, sizeof(*k));
 	int n = j->num_workers;
 
 	if (!k)
 		return NULL;
-	k->name = malloc(m->u.key_open.name_len + 1u);
+	k->name = malloc(len + 1u);
 	if (!k->name)
 		goto out_free;
-	memcpy(k->name, m->u.key_open.name, m->u.key_open.name_len);
-	k->name[m->u.key_open.name_len] = '\0';
-	k->name_len = m->u.key_open.name_len;
-	k->count = m->u.key_open.count;
-	k->dtype = (kv_dtype)m->u.key_open.dtype;
+	memcpy(k->name, name, len);
+	k->name[len] = '\0';
+	k->name_len = len;
+	k->count = count;
+	k->dtype = t;
 	k->esize = (uint32_t)kv_dtype_size(k->dtype);
 	k->part_elems = part_bytes / k->esize;
 	k->nparts = (uint32_t)((k->count + k->part_elems - 1) / k->part_elems);
@@ -635,7 +645,8 @@ int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, int rank,
 	if ((rc = man_room(d, j, j->nkeys, why, whylen)))
 		return rc;
 	bytes = m->u.key_open.count * kv_dtype_size((kv_dtype)m->u.key_open.dtype);
-	k = key_alloc(j, m, key_part_bytes(d, bytes));
+	k = key_alloc(j, name, len, m->u.key_open.count, (kv_dtype)m->u.key_open.dtype,
+		      key_part_bytes(d, bytes));
 	if (!k) {
 		snprintf(why, whylen, "out of memory creating key '%.*s'", (int)len, name);
 		return KV_ERR_NOMEM;
@@ -746,4 +757,268 @@ int job_set_optimizer(struct kvd *d, struct job *j, struct opt_cfg *opt, char *w
 	kvd_log("job %s: optimizer '%s'%s", j->name, opt->spec,
 		cur && opt->fresh == cur->fresh ? " (states kept)" : "");
 	return 0;
+}
+
+/* ------------------------------------------------------------------ restart */
+
+/* The held segment of a kind and id, or NULL. */
+static const struct kv_adopt *adopted(const struct kv_adopt *a, uint32_t n, uint32_t kind,
+				      uint32_t id)
+{
+	for (uint32_t i = 0; i < n; i++)
+		if (a[i].kind == kind && a[i].id == id)
+			return &a[i];
+	return NULL;
+}
+
+/* Map a held segment (a copy of its fd; seals and size checked) into *s. */
+static int adopt_map(const struct kv_adopt *h, uint64_t want, struct seginfo *s, char *why,
+		     size_t whylen, const char *what)
+{
+	ssize_t size = h ? seg_size(h->fd) : -EBADF;
+	int fd, err;
+
+	if (!h) {
+		snprintf(why, whylen, "no rank held the job's %s", what);
+		return -1;
+	}
+	if (size < 0 || (want && (uint64_t)size != want) || size == 0) {
+		snprintf(why, whylen, "the %s a rank held has the wrong size", what);
+		return -1;
+	}
+	fd = fcntl(h->fd, F_DUPFD_CLOEXEC, 0);
+	if (fd < 0) {
+		snprintf(why, whylen, "cannot keep the %s: %s", what, strerror(errno));
+		return -1;
+	}
+	err = seg_map(fd, (size_t)size, 0, (void **)&s->base);
+	if (err) {
+		snprintf(why, whylen, "cannot map the %s a rank held: %s", what, strerror(-err));
+		close(fd);
+		return -1;
+	}
+	s->fd = fd;
+	s->size = (uint64_t)size;
+	return 0;
+}
+
+/* Every held segment of a kind, ids 0..n-1 with none missing, into an arena. */
+static int adopt_segs(struct kvd *d, struct job *j, const struct kv_adopt *a, uint32_t n,
+		      uint32_t kind, char *why, size_t whylen)
+{
+	bool direct = kind == KV_HOLD_DIRECT;
+	struct seginfo **segs = direct ? &j->direct_segs : &j->value_segs;
+	uint32_t *cnt = direct ? &j->ndirect_segs : &j->nvalue_segs;
+	uint32_t *cap = direct ? &j->cap_direct_segs : &j->cap_value_segs;
+	uint32_t max = 0;
+
+	for (uint32_t i = 0; i < n; i++)
+		if (a[i].kind == kind && a[i].id + 1 > max)
+			max = a[i].id + 1;
+	if (!max)
+		return 0;
+	*segs = calloc(max, sizeof(**segs));
+	if (!*segs) {
+		snprintf(why, whylen, "out of memory");
+		return -1;
+	}
+	*cap = max;
+	for (uint32_t id = 0; id < max; id++) {
+		struct seginfo sg;
+		if (adopt_map(adopted(a, n, kind, id), 0, &sg, why, whylen,
+			      direct ? "direct segment" : "value segment"))
+			return -1;
+		if (job_charge(d, j, sg.size, why, whylen)) {
+			seg_unmap(sg.base, sg.size);
+			close(sg.fd);
+			return -1;
+		}
+		(*segs)[(*cnt)++] = sg;
+		pin_segment(sg.base, sg.size);
+		if (arena_add_seg(direct ? &j->direct : &j->values, id, sg.base, sg.size)) {
+			snprintf(why, whylen, "out of memory");
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* An engine key's parts as its value block left them. */
+static void adopt_parts(struct key *k)
+{
+	uint32_t valued = 0;
+
+	for (uint32_t pi = 0; pi < k->nparts; pi++) {
+		struct part *p = &k->parts[pi];
+		uint64_t ver = __atomic_load_n(&k->vparts[pi].ver, __ATOMIC_ACQUIRE);
+		struct kv_vrec r = k->vparts[pi].rec[ver & 1];
+
+		p->ver = ver;
+		p->rounds_done = p->live_rounds = r.rounds;
+		p->spare_rounds = ver ? k->vparts[pi].rec[(ver + 1) & 1].rounds : 0;
+		p->opt_t = r.opt_t;
+		p->opt_fresh = r.opt_fresh;
+		p->has_value = r.has_value != 0;
+		valued += p->has_value;
+	}
+	k->parts_valued = valued;
+	k->has_value = valued == k->nparts;
+}
+
+/* Key id from its manifest record, checked against everything else known. */
+static int adopt_key(struct kvd *d, struct job *j, uint32_t id, char *why, size_t whylen)
+{
+	struct kv_mkey r = *man_rec(j, id); /* one copy: the shared bytes may change */
+	uint32_t nw = (uint32_t)j->num_workers, pmax = PART_MAX > d->cfg.part_bytes
+							      ? PART_MAX : d->cfg.part_bytes;
+	uint64_t bytes;
+	struct key *k;
+	void *blk;
+
+	if (r.name_len < 1 || r.name_len > KV_KEY_MAX || memchr(r.name, '\0', r.name_len) ||
+	    r.dtype > KV_INT64 || !r.count || r.count > ((uint64_t)1 << 40) || !r.part_elems ||
+	    (uint64_t)r.part_elems * kv_dtype_size((kv_dtype)r.dtype) > pmax ||
+	    r.nparts != (r.count + r.part_elems - 1) / r.part_elems ||
+	    !(r.flags & (KV_MKEY_DIRECT | KV_MKEY_VALUE)) ||
+	    (r.flags & ~(uint32_t)(KV_MKEY_DIRECT | KV_MKEY_VALUE))) {
+		snprintf(why, whylen, "the manifest's record of key %u is corrupt", id);
+		return -1;
+	}
+	if (keymap_find(j, r.name, r.name_len)) {
+		snprintf(why, whylen, "the manifest names key '%.*s' twice", (int)r.name_len,
+			 r.name);
+		return -1;
+	}
+	bytes = r.count * kv_dtype_size((kv_dtype)r.dtype);
+	k = key_alloc(j, r.name, r.name_len, r.count, (kv_dtype)r.dtype,
+		      r.part_elems * (uint32_t)kv_dtype_size((kv_dtype)r.dtype));
+	if (!k) {
+		snprintf(why, whylen, "out of memory");
+		return -1;
+	}
+	k->id = id;
+	if (r.flags & KV_MKEY_DIRECT) {
+		if (arena_reserve(&j->direct, r.dseg, r.doff, kv_dkey_size(nw, bytes), &blk))
+			goto out_bad;
+		k->dkey = blk;
+		k->dseg = r.dseg;
+		k->doff = r.doff;
+	}
+	if (r.flags & KV_MKEY_VALUE) {
+		if (arena_reserve(&j->values, r.vseg, r.voff, kv_vblock_size(k->nparts, bytes),
+				  &blk))
+			goto out_bad;
+		k->vparts = blk;
+		k->vcopy[0] = (uint8_t *)blk + kv_vblock_copy_off(k->nparts, bytes, 0);
+		k->vcopy[1] = (uint8_t *)blk + kv_vblock_copy_off(k->nparts, bytes, 1);
+		k->moved = k->dkey != NULL;
+		adopt_parts(k);
+	}
+	if ((!j->dir[id / KEY_BLOCK] &&
+	     !(j->dir[id / KEY_BLOCK] = calloc(KEY_BLOCK, sizeof(struct key *)))) ||
+	    keymap_put(j, k)) {
+		key_free(k, j->num_workers);
+		snprintf(why, whylen, "out of memory");
+		return -1;
+	}
+	j->dir[id / KEY_BLOCK][id % KEY_BLOCK] = k;
+	j->nkeys = id + 1;
+	return 0;
+
+out_bad:
+	key_free(k, j->num_workers);
+	snprintf(why, whylen, "key '%.*s' lies outside the job's segments or on another key",
+		 (int)r.name_len, r.name);
+	return -1;
+}
+
+/* The optimizer the manifest names; states start afresh (not kept yet). */
+static int adopt_opt(struct job *j, char *why, size_t whylen)
+{
+	struct kv_man_hdr *h = job_man(j);
+	uint64_t ver = __atomic_load_n(&h->opt_ver, __ATOMIC_ACQUIRE);
+	struct kv_man_opt o = h->opt[ver & 1];
+	struct opt_cfg *cfg;
+
+	if (!o.len)
+		return 0;
+	cfg = calloc(1, sizeof(*cfg));
+	if (!cfg || o.len > KV_SPEC_MAX ||
+	    opt_parse(o.spec, o.len, cfg, why, whylen)) {
+		if (cfg && !why[0])
+			snprintf(why, whylen, "the manifest's optimizer is corrupt");
+		else if (!cfg)
+			snprintf(why, whylen, "out of memory");
+		free(cfg);
+		return -1;
+	}
+	cfg->fresh = o.fresh;
+	j->opt = cfg;
+	return 0;
+}
+
+struct job *job_adopt(struct kvd *d, const char *name, uid_t uid, int num_workers,
+		      const struct kv_adopt *a, uint32_t n, char *why, size_t whylen)
+{
+	struct job *j = job_new(name, uid, num_workers, why, whylen);
+	struct seginfo sg;
+	struct kv_man_hdr h;
+	uint32_t nkeys;
+
+	if (!j)
+		return NULL;
+	why[0] = '\0';
+	/* the board and the manifest's first chunk: is this the job named? */
+	if (adopt_map(adopted(a, n, KV_HOLD_BOARD, 0), KV_BOARD_SIZE, &sg, why, whylen,
+		      "board"))
+		goto out_free;
+	j->board_fd = sg.fd;
+	j->board = (struct kv_board *)sg.base;
+	if (adopt_map(adopted(a, n, KV_HOLD_MANIFEST, 0), kv_man_size(0), &j->man[0], why,
+		      whylen, "manifest"))
+		goto out_free;
+	j->nman = 1;
+	memcpy(&h, j->man[0].base, sizeof(h));
+	if (h.magic != KV_MAN_MAGIC || h.abi != KV_SHM_ABI || h.chunk != 0 ||
+	    h.num_workers != (uint32_t)num_workers || strncmp(h.job, name, sizeof(h.job)) ||
+	    j->board->magic != KV_SHM_MAGIC || j->board->abi != KV_SHM_ABI ||
+	    j->board->num_workers != (uint32_t)num_workers) {
+		snprintf(why, whylen,
+			 "the segments this rank held are not those of job '%s' of %d workers "
+			 "(or of another version of kvd)",
+			 name, num_workers);
+		goto out_free;
+	}
+	nkeys = __atomic_load_n(&job_man(j)->nkeys, __ATOMIC_ACQUIRE);
+	if (nkeys > d->cfg.max_keys || nkeys > KEY_DIR * KEY_BLOCK) {
+		snprintf(why, whylen, "job '%s' has %u keys, over --max-keys", name, nkeys);
+		goto out_free;
+	}
+	for (uint32_t c = 1; c < KV_MAN_CHUNKS && kv_man_first(c) < nkeys; c++) {
+		if (job_charge(d, j, kv_man_size(c), why, whylen))
+			goto out_free;
+		if (adopt_map(adopted(a, n, KV_HOLD_MANIFEST, c), kv_man_size(c), &j->man[c], why,
+			      whylen, "manifest")) {
+			job_uncharge(d, j, kv_man_size(c));
+			goto out_free;
+		}
+		j->nman = c + 1;
+	}
+	if (adopt_segs(d, j, a, n, KV_HOLD_VALUES, why, whylen) ||
+	    adopt_segs(d, j, a, n, KV_HOLD_DIRECT, why, whylen))
+		goto out_free;
+	for (uint32_t id = 0; id < nkeys; id++)
+		if (adopt_key(d, j, id, why, whylen))
+			goto out_free;
+	if (adopt_opt(j, why, whylen))
+		goto out_free;
+	/* nobody is present until the ranks join again */
+	for (int r = 0; r < num_workers; r++)
+		job_board_present(j, r, false);
+	job_board_set(j, KV_BOARD_JOINING);
+	return j;
+
+out_free:
+	job_free(d, j);
+	return NULL;
 }

@@ -107,6 +107,8 @@ struct opt_cfg {
 struct part {
 	uint64_t rounds_done;     /* [eng] */
 	uint64_t ver;             /* [eng] publishes of the value: copy ver & 1 is live */
+	uint64_t live_rounds, spare_rounds; /* [eng] rounds_done as of each copy's publish
+					     * (a repeated op of either round gets it) */
 	/* [eng] optimizer state, made at the part's first update */
 	float *master;   /* f32 master weights (f16/bf16 keys; f32 keys update the value) */
 	float *s0, *s1;  /* momentum, or Adam's mean and variance */
@@ -264,6 +266,19 @@ uint64_t kvd_now_ns(void);
 
 /* job.c - jobs, keys and accounting (control thread unless noted) */
 struct job *job_find(struct kvd *d, const char *name); /* under kvd.lock */
+/* A segment a rank kept for its job (HOLD), handed back after a restart (ADOPT). */
+struct kv_adopt {
+	uint32_t kind, id; /* enum kv_hold_kind, its index */
+	int fd;
+};
+/*
+ * Take back a job that a kvd before this one served, from the segments a
+ * rank kept: its board, manifest, value and direct segments.  Every record
+ * is checked against the segments (a rank is only as trusted as its job).
+ * The fds in a stay the caller's.  NULL with why.
+ */
+struct job *job_adopt(struct kvd *d, const char *name, uid_t uid, int num_workers,
+		      const struct kv_adopt *a, uint32_t n, char *why, size_t whylen);
 /* NULL with why when out of memory or descriptors */
 struct job *job_create(struct kvd *d, const char *name, uid_t uid, int num_workers, char *why,
 		       size_t whylen);
@@ -342,6 +357,8 @@ void job_direct_forget(struct job *j, int rank);
 struct client *client_create(struct kvd *d, uid_t uid, pid_t pid, char *why, size_t whylen);
 int client_add_seg(struct kvd *d, struct client *c, uint64_t bytes, uint32_t *id,
 		   char *why, size_t whylen);
+/* A resuming rank's arena segment, under the next id (a copy of fd is kept). */
+int client_adopt_seg(struct kvd *d, struct client *c, int fd, char *why, size_t whylen);
 void client_free(struct kvd *d, struct client *c);
 
 /* engine.c */

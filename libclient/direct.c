@@ -208,7 +208,9 @@ static int key_lock(struct local *l, struct kv_dkey *dk, int64_t deadline, char 
 			return board_ok(l, deadline, err);
 		if (i % (LOCK_YIELD * 64) == 0) {
 			check_daemon(l);
-			if (l->dead)
+			/* a holder is a rank: with kvd gone (it frees a dead rank's
+			 * lock) give it a second, which no live holder needs */
+			if (l->dead && (!l->lost || now_ms() - l->lost_ms > 1000))
 				return fail(err, l->dead_code, "%s", l->dead_why);
 		}
 		if (deadline && now_ms() >= deadline)
@@ -446,8 +448,17 @@ static int wait_round(struct local *l, struct lkey *k, uint32_t target, uint32_t
 				check_daemon(l);
 		}
 		__atomic_sub_fetch(&dk->waiters, 1, __ATOMIC_SEQ_CST);
-		if (l->dead)
+		if (l->dead && l->lost) {
+			/* kvd went away: the ranks can finish a round that every rank
+			 * arrived at; otherwise take the arrival back, so the call,
+			 * repeated once kvd is back, joins the same round */
+			rc = round_fate(l, k, target, epoch,
+					fail(err, l->dead_code, "%s", l->dead_why), err);
+			if (rc != ROUND_RUNNING)
+				return rc;
+		} else if (l->dead) {
 			return fail(err, l->dead_code, "%s", l->dead_why);
+		}
 	}
 }
 

@@ -70,6 +70,9 @@ void mark_dead(struct local *l, int code, const char *why)
 		return;
 	l->dead = true;
 	l->dead_code = code;
+	/* a joined store whose kvd died or stopped: a restarted kvd takes it back */
+	l->lost = l->ring && code == KV_ERR_DAEMON;
+	l->lost_ms = now_ms();
 	snprintf(l->dead_why, sizeof(l->dead_why), "%s", why);
 }
 
@@ -163,8 +166,9 @@ static int request_fd(struct local *l, struct kv_msg *m, struct kv_msg *reply, u
 	int fds[SEG_MAX_FDS], nfds, rc;
 	int64_t deadline = l->o.timeout_ms > 0 ? now_ms() + l->o.timeout_ms : 0;
 
-	if (l->dead)
-		return fail(err, l->dead_code, "%s", l->dead_why);
+	rc = local_alive(l, err);
+	if (rc)
+		return rc;
 	m->seq = ++l->seq;
 	n = kv_msg_encode(m, buf, sizeof(buf));
 	if (!n)
@@ -539,6 +543,8 @@ static void op_release(struct local *l, struct lop *op)
 	free(op->outs);
 	op->stage = NULL;
 	op->outs = NULL;
+	op->rkey = NULL;
+	op->round = false;
 	op->used = false;
 	op->next_free = l->free_op;
 	l->free_op = slot;
@@ -592,6 +598,15 @@ static int reap(struct local *l)
 		if (!op || !op->used || op->gen != gen || q.part >= op->nparts || op->done)
 			continue; /* not ours: ignore it */
 		op->completed++;
+		if (op->rkey) {
+			/* every completion says how many rounds the part completed */
+			struct lkey *k = op->rkey;
+			if (op->round && k->pflight[q.part])
+				k->pflight[q.part]--;
+			if (!q.status && (k->pdone[q.part] == ROUND_UNKNOWN ||
+					  q.round > k->pdone[q.part]))
+				k->pdone[q.part] = q.round;
+		}
 		if (q.status && !op->status)
 			op->status = q.status;
 		if (!q.status && op->nout && !op->abandoned)
@@ -791,10 +806,9 @@ int local_op(struct local *l, uint8_t opc, const char *key, const void *const *s
 	pthread_mutex_lock(&l->lock);
 	l->errbuf = err;
 	err[0] = '\0';
-	if (l->dead) {
-		rc = fail(err, l->dead_code, "%s", l->dead_why);
+	rc = local_alive(l, err);
+	if (rc)
 		goto out_unlock;
-	}
 	rc = key_get(l, key, count, t, mode, &k, err);
 	if (rc)
 		goto out_unlock;
@@ -837,6 +851,22 @@ int local_op(struct local *l, uint8_t opc, const char *key, const void *const *s
 		op_release(l, op);
 		goto out_unlock;
 	}
+
+	if (!k->pdone) {
+		k->pdone = malloc(k->nparts * sizeof(*k->pdone));
+		k->pflight = calloc(k->nparts, sizeof(*k->pflight));
+		if (!k->pdone || !k->pflight) {
+			free(k->pdone);
+			k->pdone = NULL;
+			op_release(l, op);
+			rc = fail(err, KV_ERR_NOMEM, "out of memory");
+			goto out_unlock;
+		}
+		for (uint32_t p = 0; p < k->nparts; p++)
+			k->pdone[p] = ROUND_UNKNOWN;
+	}
+	op->rkey = k;
+	op->round = opc == KV_OP_PUSH || opc == KV_OP_PUSHPULL || opc == KV_OP_BCAST;
 
 	/* GPU tensors: staged through this store's (pinned) segments */
 	bool dev_in = false;
@@ -940,7 +970,11 @@ int local_op(struct local *l, uint8_t opc, const char *key, const void *const *s
 			s.out.off += off;
 		if (opc == KV_OP_INIT)
 			s.out.seg = KV_SEG_NONE, s.out.off = 0;
+		if (op->round && k->pdone[p] != ROUND_UNKNOWN) /* the round it is for */
+			s.out.tag = (uint32_t)(k->pdone[p] + k->pflight[p] + 1);
 		rc = submit(l, &s, err);
+		if (!rc && op->round)
+			k->pflight[p]++;
 		if (rc) {
 out_part:
 			/* parts already submitted will come back; the op is given up */
@@ -1034,15 +1068,112 @@ static int connect_kvd(const char *path, char *err)
 	return fd;
 }
 
-int local_create(const struct kv_resolved *o, struct local **out, char *err)
+/* Close this store's side of a connection to kvd: socket, ring, doorbell. */
+static void disconnect(struct local *l)
 {
-	struct local *l = calloc(1, sizeof(*l));
-	struct kv_msg m = { .type = KV_MSG_HELLO, .seq = 1 }, r;
+	if (l->sock >= 0)
+		close(l->sock);
+	l->sock = -1;
+	if (l->doorbell >= 0)
+		close(l->doorbell);
+	l->doorbell = -1;
+	if (l->ring)
+		seg_unmap(l->ring, l->ring_size);
+	l->ring = NULL;
+}
+
+/*
+ * Say hello on l->sock (flags: KV_HELLO_RESUME after a restart) and take
+ * the welcome: the ring and doorbell, and the board (mapped the first time;
+ * the same segment afterwards).  0, or a KV_ERR_* with err.
+ */
+static int hello(struct local *l, uint32_t flags, char *err)
+{
+	const struct kv_resolved *o = &l->o;
+	struct kv_msg m = { .type = KV_MSG_HELLO, .seq = ++l->seq }, r;
 	uint8_t buf[KV_MSG_MAX];
 	int fds[SEG_MAX_FDS], nfds = 0, rc;
 	struct kv_seg_hdr *h;
-	void *mem, *mem2;
+	void *mem;
 	size_t n;
+
+	m.u.hello.rank = o->rank;
+	m.u.hello.num_workers = o->num_workers;
+	m.u.hello.device = o->device;
+	m.u.hello.flags = flags;
+	snprintf(m.u.hello.job, sizeof(m.u.hello.job), "%s", o->job);
+	n = kv_msg_encode(&m, buf, sizeof(buf));
+	if (!n || seg_send(l->sock, buf, n, NULL, 0))
+		return fail(err, KV_ERR_DAEMON, "cannot send hello to kvd on %s", o->socket);
+	rc = recv_one(l, buf, &r, fds, &nfds, o->timeout_ms > 0 ? o->timeout_ms : -1);
+	if (rc)
+		return fail(err, rc, rc == KV_ERR_TIMEOUT ? "kvd did not answer hello" : "%s",
+			    l->dead_why);
+	if (r.type == KV_MSG_ERROR) {
+		rc = fail(err, r.u.error.code ? r.u.error.code : KV_ERR_PROTO, "kvd refused: %.*s",
+			  (int)r.u.error.len, r.u.error.text);
+		goto out_fds;
+	}
+	if (r.type != KV_MSG_WELCOME || nfds != 3) {
+		rc = fail(err, KV_ERR_PROTO, "kvd answered hello with message type %u", r.type);
+		goto out_fds;
+	}
+	rc = seg_map(fds[0], r.u.welcome.seg_size, SEG_MAP_RING, &mem);
+	if (rc) {
+		rc = fail(err, KV_ERR_PROTO, "cannot map the ring segment: %s", strerror(-rc));
+		goto out_fds;
+	}
+	close(fds[0]);
+	l->ring = mem;
+	l->ring_size = r.u.welcome.seg_size;
+	l->doorbell = fds[1];
+	if (!l->board) {
+		rc = seg_map(fds[2], KV_BOARD_SIZE, SEG_MAP_RING, &mem);
+		if (rc) {
+			close(fds[2]);
+			return fail(err, KV_ERR_PROTO, "cannot map the job board: %s", strerror(-rc));
+		}
+		l->board = mem;
+	}
+	close(fds[2]);
+	if (l->board->magic != KV_SHM_MAGIC || l->board->abi != KV_SHM_ABI ||
+	    l->board->num_workers != (uint32_t)o->num_workers)
+		return fail(err, KV_ERR_PROTO, "kvd's job board has an unknown layout");
+	h = mem = l->ring;
+	if (h->magic != KV_SHM_MAGIC || h->abi != KV_SHM_ABI ||
+	    h->sq_entries != r.u.welcome.sq_entries || h->cq_entries != r.u.welcome.cq_entries ||
+	    h->sqe_size != sizeof(struct kv_sqe) || h->cqe_size != sizeof(struct kv_cqe) ||
+	    h->sq_ctl_off != KV_SQ_CTL_OFF || h->cq_ctl_off != KV_CQ_CTL_OFF ||
+	    h->sq_off != KV_SQ_OFF ||
+	    h->cq_off != KV_SQ_OFF + h->sq_entries * sizeof(struct kv_sqe) ||
+	    kv_ring_seg_size(h->sq_entries, h->cq_entries) > l->ring_size)
+		return fail(err, KV_ERR_PROTO, "kvd's ring segment has an unknown layout (ABI %u)",
+			    h->abi);
+	ring_attach(&l->sq, (struct kv_ring_ctl *)(l->ring + KV_SQ_CTL_OFF), l->ring + h->sq_off,
+		    h->sq_entries, sizeof(struct kv_sqe), true);
+	ring_attach(&l->cq, (struct kv_ring_ctl *)(l->ring + KV_CQ_CTL_OFF), l->ring + h->cq_off,
+		    h->cq_entries, sizeof(struct kv_cqe), false);
+	l->part_bytes = r.u.welcome.part_bytes;
+	if (!l->segs) {
+		l->max_segs = r.u.welcome.max_segs;
+		l->segs = calloc(l->max_segs, sizeof(*l->segs));
+		if (!l->segs)
+			return fail(err, KV_ERR_NOMEM, "out of memory");
+	} else if (r.u.welcome.max_segs < l->nsegs) {
+		return fail(err, KV_ERR_DAEMON, "kvd now allows fewer segments than this store holds");
+	}
+	return KV_OK;
+
+out_fds:
+	for (int i = 0; i < nfds; i++)
+		close(fds[i]);
+	return rc;
+}
+
+int local_create(const struct kv_resolved *o, struct local **out, char *err)
+{
+	struct local *l = calloc(1, sizeof(*l));
+	int rc;
 
 	if (!l)
 		return fail(err, KV_ERR_NOMEM, "out of memory");
@@ -1060,92 +1191,140 @@ int local_create(const struct kv_resolved *o, struct local **out, char *err)
 	l->sock = connect_kvd(o->socket, err);
 	if (l->sock < 0) {
 		rc = l->sock;
-		goto out_free;
+		free(l);
+		return rc;
 	}
-	m.u.hello.rank = o->rank;
-	m.u.hello.num_workers = o->num_workers;
-	m.u.hello.device = o->device;
-	snprintf(m.u.hello.job, sizeof(m.u.hello.job), "%s", o->job);
-	n = kv_msg_encode(&m, buf, sizeof(buf));
-	if (!n || seg_send(l->sock, buf, n, NULL, 0)) {
-		rc = fail(err, KV_ERR_DAEMON, "cannot send hello to kvd on %s", o->socket);
-		goto out_close;
-	}
-	rc = recv_one(l, buf, &r, fds, &nfds, o->timeout_ms > 0 ? o->timeout_ms : -1);
+	rc = hello(l, 0, err);
 	if (rc) {
-		rc = fail(err, rc == KV_ERR_TIMEOUT ? KV_ERR_TIMEOUT : rc,
-			  rc == KV_ERR_TIMEOUT ? "kvd did not answer hello" : "%s", l->dead_why);
-		goto out_close;
-	}
-	if (r.type == KV_MSG_ERROR) {
-		rc = fail(err, r.u.error.code ? r.u.error.code : KV_ERR_PROTO, "kvd refused: %.*s",
-			  (int)r.u.error.len, r.u.error.text);
-		goto out_fds;
-	}
-	if (r.type != KV_MSG_WELCOME || nfds != 3) {
-		rc = fail(err, KV_ERR_PROTO, "kvd answered hello with message type %u", r.type);
-		goto out_fds;
-	}
-	rc = seg_map(fds[0], r.u.welcome.seg_size, SEG_MAP_RING, &mem);
-	if (rc) {
-		rc = fail(err, KV_ERR_PROTO, "cannot map the ring segment: %s", strerror(-rc));
-		goto out_fds;
-	}
-	close(fds[0]);
-	l->doorbell = fds[1];
-	rc = seg_map(fds[2], KV_BOARD_SIZE, SEG_MAP_RING, &mem2);
-	close(fds[2]);
-	nfds = 0;
-	if (rc) {
-		rc = fail(err, KV_ERR_PROTO, "cannot map the job board: %s", strerror(-rc));
-		seg_unmap(mem, r.u.welcome.seg_size);
-		goto out_close;
-	}
-	l->board = mem2;
-	if (l->board->magic != KV_SHM_MAGIC || l->board->abi != KV_SHM_ABI ||
-	    l->board->num_workers != (uint32_t)o->num_workers) {
-		seg_unmap(mem, r.u.welcome.seg_size);
-		rc = fail(err, KV_ERR_PROTO, "kvd's job board has an unknown layout");
-		goto out_close;
-	}
-	l->ring = mem;
-	l->ring_size = r.u.welcome.seg_size;
-	h = mem;
-	if (h->magic != KV_SHM_MAGIC || h->abi != KV_SHM_ABI ||
-	    h->sq_entries != r.u.welcome.sq_entries || h->cq_entries != r.u.welcome.cq_entries ||
-	    h->sqe_size != sizeof(struct kv_sqe) || h->cqe_size != sizeof(struct kv_cqe) ||
-	    h->sq_ctl_off != KV_SQ_CTL_OFF || h->cq_ctl_off != KV_CQ_CTL_OFF ||
-	    h->sq_off != KV_SQ_OFF ||
-	    h->cq_off != KV_SQ_OFF + h->sq_entries * sizeof(struct kv_sqe) ||
-	    kv_ring_seg_size(h->sq_entries, h->cq_entries) > l->ring_size) {
-		rc = fail(err, KV_ERR_PROTO, "kvd's ring segment has an unknown layout (ABI %u)",
-			  h->abi);
-		goto out_close;
-	}
-	ring_attach(&l->sq, (struct kv_ring_ctl *)(l->ring + KV_SQ_CTL_OFF), l->ring + h->sq_off,
-		    h->sq_entries, sizeof(struct kv_sqe), true);
-	ring_attach(&l->cq, (struct kv_ring_ctl *)(l->ring + KV_CQ_CTL_OFF), l->ring + h->cq_off,
-		    h->cq_entries, sizeof(struct kv_cqe), false);
-	l->part_bytes = r.u.welcome.part_bytes;
-	l->max_segs = r.u.welcome.max_segs;
-	l->segs = calloc(l->max_segs, sizeof(*l->segs));
-	if (!l->segs) {
-		rc = fail(err, KV_ERR_NOMEM, "out of memory");
-		goto out_close;
+		local_destroy(l);
+		return rc;
 	}
 	arena_init(&l->arena, arena_grow, l);
 	l->gpu = gpu_count() > 0;
 	*out = l;
 	return KV_OK;
+}
 
-out_fds:
-	for (int i = 0; i < nfds; i++)
-		close(fds[i]);
-out_close:
-	local_destroy(l);
-	return rc;
-out_free:
-	free(l);
+/* The last messages of a connection that ended: segments kvd handed over
+ * just before it went away come along. */
+static void drain(struct local *l)
+{
+	struct pollfd p = { .fd = l->sock, .events = POLLIN };
+	uint8_t buf[KV_MSG_MAX];
+	struct kv_msg m;
+	int fds[SEG_MAX_FDS], nfds;
+	ssize_t n;
+
+	while (poll(&p, 1, 0) > 0 &&
+	       (n = seg_recv(l->sock, buf, sizeof(buf), fds, SEG_MAX_FDS, &nfds)) > 0) {
+		if (kv_msg_decode(buf, (size_t)n, &m, NULL) == 0)
+			unsolicited(l, &m, fds, nfds);
+		else
+			for (int i = 0; i < nfds; i++)
+				close(fds[i]);
+	}
+}
+
+/* Hand kvd back what this rank kept (ADOPT): the job's segments, then its own. */
+static int adopt(struct local *l, char *err)
+{
+	struct kv_msg m = { .type = KV_MSG_ADOPT };
+	uint8_t buf[KV_MSG_MAX];
+	int fds[KV_HOLD_MAX];
+	uint32_t total = l->nheld + l->nsegs;
+
+	for (uint32_t i = 0; i < total;) {
+		uint32_t k;
+		size_t n;
+		for (k = 0; k < KV_HOLD_MAX && i < total; k++, i++) {
+			if (i < l->nheld) {
+				m.u.hold.kind[k] = l->held[i].kind;
+				m.u.hold.id[k] = l->held[i].id;
+				fds[k] = l->held[i].fd;
+			} else {
+				m.u.hold.kind[k] = KV_HOLD_OWN;
+				m.u.hold.id[k] = i - l->nheld;
+				fds[k] = l->segs[i - l->nheld].fd;
+			}
+		}
+		m.u.hold.n = k;
+		for (; k < KV_HOLD_MAX; k++)
+			m.u.hold.kind[k] = m.u.hold.id[k] = 0;
+		n = kv_msg_encode(&m, buf, sizeof(buf));
+		if (!n || seg_send(l->sock, buf, n, fds, (int)m.u.hold.n))
+			return fail(err, KV_ERR_DAEMON, "cannot hand the job's segments to kvd");
+	}
+	return KV_OK;
+}
+
+/*
+ * kvd went away (died, or was stopped) and may come back: connect again,
+ * with backoff (10 ms doubling to 1 s) until timeout_ms has passed since
+ * the loss, hand back the job's segments and join as the same rank.  Keys,
+ * their ids, direct segments, the board and this store's own segments all
+ * stay as they are.  0, or the store stays dead with the reason.
+ */
+static int reconnect(struct local *l, char *err)
+{
+	int64_t deadline = l->o.timeout_ms > 0 ? l->lost_ms + l->o.timeout_ms : 0;
+	long pause_ms = 10;
+	int rc;
+
+	drain(l);
+	disconnect(l);
+	for (uint32_t i = 0; i < l->capkeys; i++)
+		if (l->keys[i] && l->keys[i]->pflight)
+			memset(l->keys[i]->pflight, 0, l->keys[i]->nparts * sizeof(uint32_t));
+	for (;;) {
+		err[0] = '\0';
+		l->sock = connect_kvd(l->o.socket, err);
+		if (l->sock >= 0) {
+			l->dead = false;
+			rc = adopt(l, err);
+			if (!rc)
+				rc = hello(l, KV_HELLO_RESUME, err);
+			if (!rc)
+				return KV_OK;
+			disconnect(l);
+		} else {
+			rc = l->sock;
+		}
+		/* a kvd that refused this job back will not change its mind */
+		if (rc != KV_ERR_DAEMON || (deadline && now_ms() >= deadline) ||
+		    strstr(err, "kvd refused")) {
+			l->dead = true;
+			l->lost = false;
+			l->dead_code = rc == KV_ERR_TIMEOUT ? KV_ERR_DAEMON : rc;
+			snprintf(l->dead_why, sizeof(l->dead_why),
+				 "kvd went away and did not take this job back%s: %s",
+				 deadline ? " in time" : "", err);
+			return fail(err, l->dead_code, "%s", l->dead_why);
+		}
+		pthread_mutex_unlock(&l->lock);
+		usleep((useconds_t)pause_ms * 1000);
+		pthread_mutex_lock(&l->lock);
+		pause_ms = pause_ms < 500 ? pause_ms * 2 : 1000;
+	}
+}
+
+/* Before an op: a store whose kvd went away tries to get it back. */
+int local_alive(struct local *l, char *err)
+{
+	int rc;
+
+	/* one thread reconnects (it lets go of the lock while it waits) */
+	while (l->reconnecting) {
+		pthread_mutex_unlock(&l->lock);
+		usleep(1000);
+		pthread_mutex_lock(&l->lock);
+	}
+	if (!l->dead)
+		return KV_OK;
+	if (!l->lost)
+		return fail(err, l->dead_code, "%s", l->dead_why);
+	l->reconnecting = true;
+	rc = reconnect(l, err);
+	l->reconnecting = false;
 	return rc;
 }
 
@@ -1176,6 +1355,8 @@ void local_destroy(struct local *l)
 	for (uint32_t i = 0; i < l->capkeys; i++) {
 		if (l->keys[i]) {
 			free(l->keys[i]->name);
+			free(l->keys[i]->pdone);
+			free(l->keys[i]->pflight);
 			free(l->keys[i]);
 		}
 	}

@@ -38,6 +38,12 @@ struct lkey {
 	uint64_t stride;
 	uint32_t target;   /* the round this rank arrived at last */
 	struct lop *last;  /* that op, until it is finished */
+	/* engine keys: per part, the rounds it completed as the last completion
+	 * said (ROUND_UNKNOWN before any) and this rank's round ops in flight; a
+	 * part's round op names round pdone + pflight + 1 (kv_sqe out.tag), so a
+	 * call repeated after kvd restarted is recognised */
+	uint64_t *pdone;
+	uint32_t *pflight;
 };
 
 struct lop {
@@ -57,6 +63,8 @@ struct lop {
 	uint32_t slot;      /* its index: user_data's low half */
 	bool dev_out;       /* some out is device memory: copy-outs run on the store's stream */
 	struct lkey *key;   /* direct ops: the key, and the round to wait for */
+	struct lkey *rkey;  /* engine ops: the key */
+	bool round;         /* a round op (push, pushpull, broadcast) */
 	uint32_t target;
 	uint32_t epoch;     /* direct: the board epoch it arrived under */
 	bool arrived;       /* direct: arrived, not finished yet */
@@ -101,18 +109,25 @@ struct local {
 	struct lheld *held;
 	uint32_t nheld, capheld;
 	bool dead;
+	bool lost;       /* dead because kvd went away: it may come back (restart) */
+	int64_t lost_ms; /* when */
+	bool reconnecting;
 	int dead_code;
 	char dead_why[256];
 	char *errbuf; /* where the op in progress reports (the store's buffer) */
 };
 
 #define NO_OP UINT32_MAX
+#define ROUND_UNKNOWN UINT64_MAX
 
 /* Copy n bytes; dev: dst or src is device memory (then on the store's stream, waited). */
 int buf_copy(struct local *l, void *dst, const void *src, size_t n, bool dev);
 bool is_dev(struct local *l, const void *p);
 
 int fail(char *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Before an op: KV_OK, or the store is dead (a kvd that went away is asked
+ * to take the job back first, for up to timeout_ms). */
+int local_alive(struct local *l, char *err);
 int64_t now_ms(void);
 void check_daemon(struct local *l);
 void mark_dead(struct local *l, int code, const char *why);
