@@ -197,7 +197,7 @@ check: all
 else
 # The integration suites run twice: as kvd is configured by default (keys up
 # to 1 MiB in direct rounds), then with every round through kvd's engine.
-ENGINE_SUITES := '@(smoke|pushpull|async|keys|errors|faults|mxnet|daemon|optimizer|soak)/*'
+ENGINE_SUITES := '@(smoke|pushpull|async|keys|errors|faults|mxnet|daemon|optimizer|soak|restart)/*'
 TEST_ENV = KVD_BIN_DIR=$(abspath $(B)/bin) KVD_BUILD=$(abspath $(B)) \
 	   LSAN_OPTIONS=suppressions=$(abspath tests/lsan.supp):print_suppressions=0
 check: all

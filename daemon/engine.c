@@ -30,6 +30,7 @@
  */
 #include <errno.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -111,6 +112,11 @@ struct engine {
 	bool shutting_down;
 	bool exit_now;
 	int tasks_out;
+	/* fault injection for the restart tests ($KVD_FAULT_KILL_AFTER_ROUND):
+	 * kvd kills itself once it has published this many rounds, when it has
+	 * told rank 0 of the last one and no other rank, the worst moment for
+	 * exactly-once; 0: never */
+	uint64_t kill_after, published;
 };
 
 /* ------------------------------------------------------------------ helpers */
@@ -489,8 +495,11 @@ static void round_done(struct engine *e, struct job *j, struct key *k, uint32_t 
 	if (part == 0)
 		__atomic_add_fetch(&j->rounds, 1, __ATOMIC_RELAXED);
 	__atomic_add_fetch(&j->bytes_reduced, bytes, __ATOMIC_RELAXED);
-	for (int r = 0; r < j->num_workers; r++)
+	for (int r = 0; r < j->num_workers; r++) {
 		complete(e, queue_pop(p, r), KV_OK, p->rounds_done);
+		if (r == 0 && e->kill_after && ++e->published == e->kill_after)
+			raise(SIGKILL);
+	}
 	set_stall(p, p->nready ? kvd_now_ns() : 0);
 	serve_pulls(e, k, part);
 	maybe_ready(e, j, k, part);
@@ -1539,6 +1548,8 @@ int engine_start(struct kvd *d)
 	if (!e)
 		return -ENOMEM;
 	e->d = d;
+	if (getenv("KVD_FAULT_KILL_AFTER_ROUND"))
+		e->kill_after = strtoull(getenv("KVD_FAULT_KILL_AFTER_ROUND"), NULL, 10);
 	e->doorbell = eventfd(0, EFD_CLOEXEC);
 	if (e->doorbell < 0) {
 		err = -errno;

@@ -543,6 +543,8 @@ static void op_release(struct local *l, struct lop *op)
 	free(op->outs);
 	op->stage = NULL;
 	op->outs = NULL;
+	free(op->prounds);
+	op->prounds = NULL;
 	op->rkey = NULL;
 	op->round = false;
 	op->used = false;
@@ -560,6 +562,14 @@ static void op_finish(struct local *l, struct lop *op)
 	op->done = true;
 	if (op->dev_out && gpu_stream_sync(l->stream) && !op->status)
 		op->status = KV_ERR_IO; /* the copies to the GPU failed */
+	/* a round op that succeeded as a whole moves its parts on; one that
+	 * failed does not, even for parts that completed, so the same call
+	 * repeated names the same rounds (and kvd recognises those done) */
+	if (op->round && !op->status)
+		for (uint32_t p = 0; p < op->nparts; p++)
+			if (op->prounds[p] > op->rkey->pdone[p] ||
+			    op->rkey->pdone[p] == ROUND_UNKNOWN)
+				op->rkey->pdone[p] = op->prounds[p];
 	if (op->stage) {
 		arena_free(&l->arena, op->stage);
 		op->stage = NULL;
@@ -598,13 +608,14 @@ static int reap(struct local *l)
 		if (!op || !op->used || op->gen != gen || q.part >= op->nparts || op->done)
 			continue; /* not ours: ignore it */
 		op->completed++;
-		if (op->rkey) {
-			/* every completion says how many rounds the part completed */
+		if (op->rkey && op->round) {
+			if (op->rkey->pflight[q.part])
+				op->rkey->pflight[q.part]--;
+			op->prounds[q.part] = q.round;
+		} else if (op->rkey && !q.status) {
+			/* an init or pull says how many rounds the part completed */
 			struct lkey *k = op->rkey;
-			if (op->round && k->pflight[q.part])
-				k->pflight[q.part]--;
-			if (!q.status && (k->pdone[q.part] == ROUND_UNKNOWN ||
-					  q.round > k->pdone[q.part]))
+			if (k->pdone[q.part] == ROUND_UNKNOWN || q.round > k->pdone[q.part])
 				k->pdone[q.part] = q.round;
 		}
 		if (q.status && !op->status)
@@ -867,6 +878,11 @@ int local_op(struct local *l, uint8_t opc, const char *key, const void *const *s
 	}
 	op->rkey = k;
 	op->round = opc == KV_OP_PUSH || opc == KV_OP_PUSHPULL || opc == KV_OP_BCAST;
+	if (op->round && !(op->prounds = calloc(k->nparts, sizeof(*op->prounds)))) {
+		op_release(l, op);
+		rc = fail(err, KV_ERR_NOMEM, "out of memory");
+		goto out_unlock;
+	}
 
 	/* GPU tensors: staged through this store's (pinned) segments */
 	bool dev_in = false;
@@ -1361,8 +1377,10 @@ void local_destroy(struct local *l)
 		}
 	}
 	free(l->keys);
-	for (uint32_t i = 0; i < l->nops; i++)
+	for (uint32_t i = 0; i < l->nops; i++) {
 		free(op_at(l, i)->outs);
+		free(op_at(l, i)->prounds);
+	}
 	for (uint32_t b = 0; b < l->nops / OP_BLOCK; b++)
 		free(l->opblk[b]);
 	free(l->opblk);

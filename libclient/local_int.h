@@ -65,6 +65,7 @@ struct lop {
 	struct lkey *key;   /* direct ops: the key, and the round to wait for */
 	struct lkey *rkey;  /* engine ops: the key */
 	bool round;         /* a round op (push, pushpull, broadcast) */
+	uint64_t *prounds;  /* round ops: the round each part completed */
 	uint32_t target;
 	uint32_t epoch;     /* direct: the board epoch it arrived under */
 	bool arrived;       /* direct: arrived, not finished yet */

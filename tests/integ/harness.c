@@ -38,18 +38,13 @@ static int can_connect(const char *path)
 	return ok;
 }
 
-int kvd_start(struct kvd_proc *k, const char *const *args)
+/* Start kvd on k's socket; its output goes to k's log (appended: a restart). */
+static int kvd_spawn(struct kvd_proc *k, const char *const *args, int log_flags)
 {
 	char bin[512];
 	const char *argv[32];
 	int n = 0;
 
-	memset(k, 0, sizeof(*k));
-	snprintf(k->dir, sizeof(k->dir), "/tmp/kvtest.XXXXXX");
-	if (!mkdtemp(k->dir))
-		return -1;
-	snprintf(k->sock, sizeof(k->sock), "%s/kvd.sock", k->dir);
-	snprintf(k->log, sizeof(k->log), "%s/kvd.log", k->dir);
 	bin_path("kvd", bin, sizeof(bin));
 	argv[n++] = bin;
 	argv[n++] = "--socket";
@@ -71,7 +66,7 @@ int kvd_start(struct kvd_proc *k, const char *const *args)
 	if (k->pid < 0)
 		return -1;
 	if (k->pid == 0) {
-		int fd = open(k->log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+		int fd = open(k->log, O_WRONLY | O_CREAT | log_flags, 0644);
 
 		prctl(PR_SET_PDEATHSIG, SIGKILL); /* no stray kvd when a test dies */
 		if (fd >= 0) {
@@ -96,6 +91,32 @@ int kvd_start(struct kvd_proc *k, const char *const *args)
 	waitpid(k->pid, NULL, 0);
 	k->pid = 0;
 	return -1;
+}
+
+int kvd_start(struct kvd_proc *k, const char *const *args)
+{
+	memset(k, 0, sizeof(*k));
+	snprintf(k->dir, sizeof(k->dir), "/tmp/kvtest.XXXXXX");
+	if (!mkdtemp(k->dir))
+		return -1;
+	snprintf(k->sock, sizeof(k->sock), "%s/kvd.sock", k->dir);
+	snprintf(k->log, sizeof(k->log), "%s/kvd.log", k->dir);
+	return kvd_spawn(k, args, O_TRUNC);
+}
+
+void kvd_crash(struct kvd_proc *k)
+{
+	if (k->pid > 0) {
+		kill(k->pid, SIGKILL);
+		waitpid(k->pid, NULL, 0);
+	}
+	k->pid = 0;
+}
+
+int kvd_restart(struct kvd_proc *k, const char *const *args)
+{
+	kvd_crash(k);
+	return kvd_spawn(k, args, O_APPEND);
 }
 
 static void dump_log(const struct kvd_proc *k)

@@ -24,6 +24,10 @@ struct kvd_proc {
 
 /* Start kvd with extra arguments (NULL-terminated list, may be NULL); 0 or -1. */
 int kvd_start(struct kvd_proc *k, const char *const *args);
+/* SIGKILL kvd (kill -9: it leaves everything as it is) and reap it. */
+void kvd_crash(struct kvd_proc *k);
+/* kvd_crash, then a new kvd on the same socket, its log appended; 0 or -1. */
+int kvd_restart(struct kvd_proc *k, const char *const *args);
 /* SIGTERM and wait; returns kvd's exit status (or -1 if it had to be killed). */
 int kvd_stop(struct kvd_proc *k);
 /* Path of a built program, from $KVD_BIN_DIR (set by make check) or build/bin. */
