@@ -20,17 +20,25 @@
  * kvd on the same socket; the ranks reconnect by themselves.
  */
 #include <criterion/criterion.h>
+#include <dirent.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "harness.h"
+#include "../../shm/layout.h"
+#include "../../shm/msg.h"
+#include "../../shm/seg.h"
 
 #define R_KEYS 4
 #define R_W 512
@@ -276,4 +284,328 @@ Test(restart, killed_when_one_of_three_heard_of_a_round, .timeout = 120)
 Test(restart, killed_after_the_first_part_of_a_round, .timeout = 120)
 {
 	restart_run(2, 6, NULL, 0, 0, 7);
+}
+
+/* ------------------------------------------------------------------ forged state */
+
+/*
+ * A rank hands back what it kept, and kvd trusts none of it: segments of
+ * another size or unsealed, a manifest of another job, records that point
+ * outside their segments or at each other.  Each attempt is refused with a
+ * sentence, nothing is left behind, and a healthy job runs afterwards.
+ */
+struct forged {
+	int board, man, vals; /* sealed segments the "rank" hands back (-1: none) */
+	int unsealed;         /* an unsealed memfd in place of the manifest */
+};
+
+static int raw_connect(const char *path)
+{
+	struct sockaddr_un a = { .sun_family = AF_UNIX };
+	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+
+	snprintf(a.sun_path, sizeof(a.sun_path), "%s", path);
+	cr_assert(fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
+	return fd;
+}
+
+static void raw_send(int fd, const struct kv_msg *m, const int *fds, int nfds)
+{
+	uint8_t buf[KV_MSG_MAX];
+	size_t n = kv_msg_encode(m, buf, sizeof(buf));
+
+	cr_assert_gt(n, 0);
+	cr_assert_eq(seg_send(fd, buf, n, fds, nfds), 0);
+}
+
+/* The reply to a resuming hello: an ERROR (code and sentence) then EOF. */
+static void expect_refusal(int fd, int code, const char *words, const char *what)
+{
+	uint8_t buf[KV_MSG_MAX];
+	int fds[SEG_MAX_FDS], nfds;
+	struct kv_msg m;
+	ssize_t n;
+
+	for (;;) {
+		n = seg_recv(fd, buf, sizeof(buf), fds, SEG_MAX_FDS, &nfds);
+		cr_assert_gt(n, 0, "%s: kvd answered nothing", what);
+		cr_assert_eq(kv_msg_decode(buf, (size_t)n, &m, NULL), 0, "%s", what);
+		for (int i = 0; i < nfds; i++)
+			close(fds[i]);
+		if (m.type != KV_MSG_HOLD)
+			break;
+	}
+	cr_assert_eq(m.type, KV_MSG_ERROR, "%s: answered with type %u", what, m.type);
+	cr_assert_eq(m.u.error.code, code, "%s: code %d (%.*s)", what, m.u.error.code,
+		     (int)m.u.error.len, m.u.error.text);
+	cr_assert(memmem(m.u.error.text, m.u.error.len, words, strlen(words)),
+		  "%s: the sentence says '%s': %.*s", what, words, (int)m.u.error.len,
+		  m.u.error.text);
+	cr_assert_eq(seg_recv(fd, buf, sizeof(buf), fds, SEG_MAX_FDS, &nfds), 0,
+		     "%s: kvd hangs up", what);
+	close(fd);
+}
+
+static int sealed(size_t size, void **map)
+{
+	int fd = seg_create("test-forged", size);
+
+	cr_assert_geq(fd, 0);
+	cr_assert_eq(seg_map(fd, size, 0, map), 0);
+	return fd;
+}
+
+/* A board and manifest that name job "forged" of 2 ranks, and a value segment. */
+static void forge(struct forged *f, uint32_t nkeys, struct kv_mkey **rec)
+{
+	struct kv_board *b;
+	struct kv_man_hdr *h;
+	void *v;
+
+	f->board = sealed(KV_BOARD_SIZE, (void **)&b);
+	b->magic = KV_SHM_MAGIC;
+	b->abi = KV_SHM_ABI;
+	b->num_workers = 2;
+	f->man = sealed(kv_man_size(0), (void **)&h);
+	h->magic = KV_MAN_MAGIC;
+	h->abi = KV_SHM_ABI;
+	h->num_workers = 2;
+	strcpy(h->job, "forged");
+	h->nkeys = nkeys;
+	*rec = (struct kv_mkey *)((uint8_t *)h + KV_MAN_HDR);
+	f->vals = sealed(8u << 20, &v);
+	f->unsealed = -1;
+}
+
+static void unforge(struct forged *f)
+{
+	close(f->board);
+	close(f->man);
+	close(f->vals);
+}
+
+static void resume_with(const struct kvd_proc *k, const struct forged *f, int code,
+			const char *words, const char *what)
+{
+	struct kv_msg m = { .type = KV_MSG_ADOPT };
+	int fds[3], n = 0, s = raw_connect(k->sock);
+
+	if (f->board >= 0) {
+		m.u.hold.kind[n] = KV_HOLD_BOARD;
+		fds[n++] = f->board;
+	}
+	if (f->man >= 0 || f->unsealed >= 0) {
+		m.u.hold.kind[n] = KV_HOLD_MANIFEST;
+		fds[n++] = f->unsealed >= 0 ? f->unsealed : f->man;
+	}
+	if (f->vals >= 0) {
+		m.u.hold.kind[n] = KV_HOLD_VALUES;
+		fds[n++] = f->vals;
+	}
+	m.u.hold.n = (uint32_t)n;
+	if (n)
+		raw_send(s, &m, fds, n);
+	memset(&m, 0, sizeof(m));
+	m.type = KV_MSG_HELLO;
+	m.u.hello.num_workers = 2;
+	m.u.hello.device = -1;
+	m.u.hello.flags = KV_HELLO_RESUME;
+	strcpy(m.u.hello.job, "forged");
+	raw_send(s, &m, NULL, 0);
+	expect_refusal(s, code, words, what);
+}
+
+static int healthy_rank(int rank, int n, const struct kvd_proc *kp, void *arg)
+{
+	kv_store *kv = open_rank(10000);
+	float v[64];
+
+	(void)kp;
+	(void)arg;
+	CHECK(kv, "open");
+	for (int i = 0; i < 64; i++)
+		v[i] = (float)(rank + i);
+	CHECK_RC(kv_init(kv, "w", v, 64, KV_FLOAT32), KV_OK);
+	CHECK_RC(kv_pushpull(kv, "w", v, v, 64, KV_FLOAT32, 0), KV_OK);
+	for (int i = 0; i < 64; i++)
+		CHECK(v[i] == (float)(2 * i + n - 1), "element %d: %g", i, v[i]);
+	kv_close(kv);
+	return 0;
+}
+
+Test(restart, forged_segments_are_refused, .timeout = 60)
+{
+	struct kvd_proc k;
+	struct forged f = { -1, -1, -1, -1 };
+	struct kv_mkey *rec;
+	char why[256];
+	void *p;
+
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	resume_with(&k, &f, KV_ERR_DAEMON, "no rank held the job's board", "nothing handed back");
+
+	forge(&f, 0, &rec);
+	close(f.man);
+	f.man = sealed(kv_man_size(0), &p); /* a manifest of zeros */
+	resume_with(&k, &f, KV_ERR_DAEMON, "not those of job 'forged'", "a blank manifest");
+	unforge(&f);
+
+	forge(&f, 0, &rec);
+	f.unsealed = memfd_create("test-unsealed", MFD_CLOEXEC);
+	cr_assert_eq(ftruncate(f.unsealed, (off_t)kv_man_size(0)), 0);
+	resume_with(&k, &f, KV_ERR_DAEMON, "cannot map the manifest", "an unsealed manifest");
+	close(f.unsealed);
+	f.unsealed = -1;
+	unforge(&f);
+
+	forge(&f, 2000000000u, &rec);
+	resume_with(&k, &f, KV_ERR_DAEMON, "over --max-keys", "two billion keys");
+	unforge(&f);
+
+	forge(&f, 1, &rec);
+	rec[0].count = 100;
+	rec[0].dtype = 99;
+	resume_with(&k, &f, KV_ERR_DAEMON, "record of key 0 is corrupt", "an unknown dtype");
+	unforge(&f);
+
+	forge(&f, 2, &rec);
+	for (int i = 0; i < 2; i++) {
+		rec[i].count = 1000;
+		rec[i].dtype = KV_FLOAT32;
+		rec[i].nparts = 1;
+		rec[i].part_elems = 1000;
+		rec[i].flags = KV_MKEY_VALUE;
+		rec[i].name_len = 1;
+		rec[i].name[0] = (char)('a' + i);
+		rec[i].voff = 4096; /* both keys on the same bytes */
+	}
+	resume_with(&k, &f, KV_ERR_DAEMON, "on another key", "two keys on one block");
+	rec[1].voff = (8u << 20) - 64; /* past the segment's end */
+	resume_with(&k, &f, KV_ERR_DAEMON, "outside the job's segments", "a key past the end");
+	rec[1].voff = 64 * 1024;
+	rec[1].name[0] = 'a';
+	resume_with(&k, &f, KV_ERR_DAEMON, "names key 'a' twice", "a name twice");
+	unforge(&f);
+
+	/* nothing of those attempts stayed; a real job runs */
+	cr_assert_eq(run_ranks(&k, "healthy", 2, healthy_rank, NULL, 30, why, sizeof(why)), 0,
+		     "%s", why);
+	kvd_stop(&k);
+}
+
+/* ------------------------------------------------------------------ nothing left */
+
+#define MAX_INO 64
+
+/*
+ * kvd segments seen through /proc: with pid > 0, record the inodes of those
+ * that process holds into ino[] (returns how many); with pid 0, count the
+ * descriptors of any process that name one of the n inodes in ino[].
+ */
+static int kvd_segments(pid_t pid, ino_t *ino, int n)
+{
+	DIR *proc = opendir("/proc");
+	struct dirent *p;
+	int found = 0;
+
+	cr_assert(proc);
+	while ((p = readdir(proc))) {
+		char path[300], link[300];
+		DIR *fds;
+		struct dirent *f;
+
+		if (p->d_name[0] < '0' || p->d_name[0] > '9' || (pid && atoi(p->d_name) != pid))
+			continue;
+		snprintf(path, sizeof(path), "/proc/%s/fd", p->d_name);
+		if (!(fds = opendir(path)))
+			continue;
+		while ((f = readdir(fds))) {
+			char fp[600];
+			struct stat st;
+			ssize_t len;
+			snprintf(fp, sizeof(fp), "%s/%s", path, f->d_name);
+			len = readlink(fp, link, sizeof(link) - 1);
+			if (len <= 0 || stat(fp, &st))
+				continue;
+			link[len] = '\0';
+			if (!strstr(link, "memfd:kvd-"))
+				continue;
+			if (pid && found < MAX_INO)
+				ino[found++] = st.st_ino;
+			for (int i = 0; !pid && i < n; i++)
+				found += st.st_ino == ino[i];
+		}
+		closedir(fds);
+	}
+	closedir(proc);
+	return found;
+}
+
+/* Every rank of a job dies while kvd is down: the new kvd has nothing of it,
+ * and no process holds any of its memory. */
+Test(restart, job_whose_ranks_all_died_leaves_nothing, .timeout = 60)
+{
+	volatile int *ready = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+				   -1, 0);
+	struct kvd_proc k;
+	pid_t pid[2];
+	char kvctl[512], cmd[1200];
+	FILE *out;
+	ino_t ino[MAX_INO];
+	int nino;
+
+	cr_assert(ready != MAP_FAILED);
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	for (int r = 0; r < 2; r++) {
+		pid[r] = fork();
+		if (pid[r] == 0) {
+			char rank[4] = { (char)('0' + r), 0 };
+			prctl(PR_SET_PDEATHSIG, SIGKILL);
+			float *v = calloc(400000, sizeof(float));
+			kv_store *kv;
+			setenv("KVD_SOCKET", k.sock, 1);
+			setenv("KVD_JOB", "doomed", 1);
+			setenv("KVD_RANK", rank, 1);
+			setenv("KVD_NUM_WORKERS", "2", 1);
+			kv = open_rank(10000);
+			if (!v || !kv || kv_init(kv, "small", v, 10, KV_FLOAT32) ||
+			    kv_init(kv, "big", v, 400000, KV_FLOAT32) ||
+			    kv_pushpull(kv, "big", v, v, 400000, KV_FLOAT32, 0))
+				_exit(1);
+			__atomic_add_fetch(ready, 1, __ATOMIC_SEQ_CST);
+			pause();
+			_exit(0);
+		}
+	}
+	for (int w = 0; *ready < 2 && w < 20000; w++)
+		usleep(500);
+	cr_assert_eq(*ready, 2, "both ranks made their keys");
+	/* the board, the manifest, a value segment ("big", 1.6 MB, is the
+	 * engine's), a direct one unless kvd runs every key on its engine, and
+	 * its own arena */
+	nino = kvd_segments(pid[1], ino, 0);
+	cr_assert_geq(nino, 4, "rank 1 holds the job's segments (%d)", nino);
+	kvd_crash(&k);
+	cr_assert_geq(kvd_segments(0, ino, nino), nino, "with kvd dead, the ranks still hold them");
+	for (int r = 0; r < 2; r++) {
+		kill(pid[r], SIGKILL);
+		waitpid(pid[r], NULL, 0);
+	}
+	cr_assert_eq(kvd_segments(0, ino, nino), 0, "nobody holds any segment of the job");
+	cr_assert_eq(kvd_restart(&k, NULL), 0);
+	snprintf(cmd, sizeof(cmd), "%s --socket %s status --json", bin_path("kvctl", kvctl,
+									   sizeof(kvctl)),
+		 k.sock);
+	out = popen(cmd, "r");
+	cr_assert(out);
+	{
+		char buf[8192];
+		size_t n = fread(buf, 1, sizeof(buf) - 1, out);
+		buf[n] = '\0';
+		cr_assert(strstr(buf, "\"jobs\": []") || strstr(buf, "\"jobs\":[]"),
+			  "kvd has no job: %s", buf);
+	}
+	pclose(out);
+	kvd_stop(&k);
+	munmap((void *)ready, 4096);
 }
