@@ -116,17 +116,23 @@ static void key_value_put(struct job *j, struct key *k, const uint8_t *val)
 }
 
 /* The part's state arrays, in file order; returns how many (master first). */
-static int part_arrays(const struct part *p, float **a)
+static int part_arrays(const struct key *k, uint32_t part, float **a)
 {
+	const struct part *p = &k->parts[part];
+	const struct sblock *sb = __atomic_load_n(&k->sblk, __ATOMIC_ACQUIRE);
 	int n = 0;
 
-	if (p->master)
-		a[n++] = p->master;
-	if (p->s0)
-		a[n++] = p->s0;
-	if (p->s1)
-		a[n++] = p->s1;
+	for (uint32_t i = 0; p->has_states && sb && i < sb->narrays; i++)
+		a[n++] = part_state(k, sb, part, p->ver, i);
 	return n;
+}
+
+/* Does the part keep an f32 master copy (an f16/bf16 key that was updated)? */
+static bool part_master(const struct key *k, uint32_t part)
+{
+	const struct sblock *sb = __atomic_load_n(&k->sblk, __ATOMIC_ACQUIRE);
+
+	return k->parts[part].has_states && sb && sb->master;
 }
 
 int ckpt_snapshot(struct job *j, bool dump_spec, uint8_t **out, size_t *outlen, char *why,
@@ -144,7 +150,7 @@ int ckpt_snapshot(struct job *j, bool dump_spec, uint8_t **out, size_t *outlen, 
 		       8 * (size_t)k->nparts;
 		for (uint32_t p = 0; p < k->nparts; p++) {
 			float *a[3];
-			len += (size_t)part_arrays(&k->parts[p], a) * part_n(k, p) * sizeof(float);
+			len += (size_t)part_arrays(k, p, a) * part_n(k, p) * sizeof(float);
 		}
 	}
 	len += 8;
@@ -172,9 +178,9 @@ int ckpt_snapshot(struct job *j, bool dump_spec, uint8_t **out, size_t *outlen, 
 				       .count = k->count,
 				       .part_elems = k->part_elems };
 		float *a[3];
-		int na = part_arrays(&k->parts[0], a);
+		int na = part_arrays(k, 0, a);
 
-		ck.has_master = k->parts[0].master != NULL;
+		ck.has_master = part_master(k, 0);
 		ck.nstates = (uint8_t)(na - (int)ck.has_master);
 		memcpy(w, &ck, sizeof(ck));
 		w += sizeof(ck);
@@ -187,7 +193,7 @@ int ckpt_snapshot(struct job *j, bool dump_spec, uint8_t **out, size_t *outlen, 
 			w += 8;
 		}
 		for (uint32_t p = 0; p < k->nparts; p++) {
-			int np = part_arrays(&k->parts[p], a);
+			int np = part_arrays(k, p, a);
 			if (np != na) { /* parts of a key have states alike, or none yet */
 				free(buf);
 				snprintf(why, whylen,
@@ -372,27 +378,24 @@ int ckpt_restore(struct job *j, const uint8_t *buf, size_t len, char *why, size_
 				if (!arrays || (!ck.nstates && nstates)) {
 					/* the file holds no state for this optimizer: the
 					 * states start afresh from the loaded value */
-					free(pt->master);
-					free(pt->s0);
-					free(pt->s1);
-					pt->master = pt->s0 = pt->s1 = NULL;
+					pt->has_states = false;
+					pt->opt_fresh = 0;
 					pt->opt_t = 0;
 					continue;
 				}
-				if (part_opt_alloc(k, p, opt) != 0) {
-					snprintf(why, whylen, "out of memory for optimizer states");
-					return KV_ERR_NOMEM;
-				}
-				float *dst[3];
-				int nd = part_arrays(pt, dst);
-				if ((size_t)nd != arrays) {
-					snprintf(why, whylen, "key '%s': %zu arrays in the file, %d here",
-						 k->name, arrays, nd);
+				/* into the spare copy: the value's publish makes them live */
+				const struct sblock *sb = __atomic_load_n(&k->sblk, __ATOMIC_ACQUIRE);
+				if (!opt || !sb || sb->narrays != arrays) {
+					snprintf(why, whylen, "key '%s': %zu arrays in the file, %u here",
+						 k->name, arrays, sb ? sb->narrays : 0);
 					return KV_ERR_MISMATCH;
 				}
-				for (int s = 0; s < nd; s++)
-					memcpy(dst[s], a + (size_t)s * part_n(k, p) * sizeof(float),
+				for (uint32_t s = 0; s < sb->narrays; s++)
+					memcpy(part_state(k, sb, p, pt->ver + 1, s),
+					       a + (size_t)s * part_n(k, p) * sizeof(float),
 					       part_n(k, p) * sizeof(float));
+				pt->has_states = true;
+				pt->opt_fresh = opt->fresh;
 			}
 			if (pass == 1) {
 				key_value_put(j, k, val);

@@ -84,6 +84,8 @@ struct task {
 	float *weight, *s0, *s1; /* weight: the value (f32 keys) or the master copy */
 	uint8_t *value;          /* the part's spare copy: the value the round publishes */
 	const uint8_t *live;     /* f32 optimizer rounds: the weight the update starts from */
+	float *st_from[3], *st_to[3]; /* the part's state arrays, live to spare copy */
+	uint32_t nst;
 	uint8_t *scratch;        /* malloc'd, freed with the task */
 	int status;              /* what the kernels said */
 };
@@ -534,39 +536,39 @@ static bool opt_dtype(kv_dtype t)
 	return t == KV_FLOAT32 || t == KV_FLOAT16 || t == KV_BFLOAT16;
 }
 
-int part_opt_alloc(struct key *k, uint32_t part, const struct opt_cfg *opt)
+uint32_t opt_arrays(const struct key *k, const struct opt_cfg *opt)
 {
-	struct part *p = &k->parts[part];
-	size_t n = part_elems(k, part);
-	int ns = opt ? optim_nstates(&opt->p) : 0;
-
-	free(p->master);
-	free(p->s0);
-	free(p->s1);
-	p->master = p->s0 = p->s1 = NULL;
-	if (k->dtype != KV_FLOAT32 && !(p->master = malloc(n * sizeof(float))))
-		return -ENOMEM;
-	if (ns >= 1 && !(p->s0 = calloc(n, sizeof(float))))
-		return -ENOMEM;
-	if (ns >= 2 && !(p->s1 = calloc(n, sizeof(float))))
-		return -ENOMEM;
-	p->opt_fresh = opt ? opt->fresh : 0;
-	return 0;
+	return (k->dtype != KV_FLOAT32) + (uint32_t)optim_nstates(&opt->p);
 }
 
-/* The part's optimizer state for opt, made or reset (another optimizer) as needed. */
+/*
+ * The part's optimizer state for opt, made or reset (another optimizer) as
+ * needed, in the live copy of the key's state block: the part's record says
+ * which optimizer its states are for only once the round publishes, so a kvd
+ * that dies meanwhile leaves them as they were.  -ENOMEM when the control
+ * thread could make no block for opt.
+ */
 static int part_opt_state(struct key *k, uint32_t part, const struct opt_cfg *opt)
 {
 	struct part *p = &k->parts[part];
+	/* pairs with the store-release in the control thread's job_set_optimizer */
+	const struct sblock *sb = __atomic_load_n(&k->sblk, __ATOMIC_ACQUIRE);
+	uint32_t na = opt_arrays(k, opt);
 	size_t n = part_elems(k, part);
-	uint8_t *v = part_live(k, part);
 
-	if ((p->s0 || p->master) && p->opt_fresh == opt->fresh)
+	if (p->has_states && p->opt_fresh == opt->fresh)
 		return 0;
-	if (part_opt_alloc(k, part, opt))
+	if (na && (!sb || sb->narrays != na))
 		return -ENOMEM;
-	if (p->master)
-		reduce_to_f32(p->master, v, k->dtype, n);
+	for (uint32_t i = 0; i < na; i++) {
+		float *a = part_state(k, sb, part, p->ver, i);
+		if (i == 0 && sb->master)
+			reduce_to_f32(a, part_live(k, part), k->dtype, n);
+		else
+			memset(a, 0, n * sizeof(float));
+	}
+	p->has_states = true;
+	p->opt_fresh = opt->fresh;
 	p->opt_t = 0;
 	return 0;
 }
@@ -592,9 +594,6 @@ static struct task *round_task(struct job *j, struct key *k, uint32_t part)
 	}
 	t->ptrs[nin] = part_spare(k, part);
 	t->value = part_spare(k, part);
-	/* a broadcast replaces the weight: an f16/bf16 key's master copy too */
-	if (kind == KIND_BCAST && p->master)
-		t->weight = p->master;
 	if (kind == KIND_SUM && opt_dtype(k->dtype)) {
 		/* pairs with the store-release in the control thread's set_optimizer */
 		const struct opt_cfg *opt = __atomic_load_n(&j->opt, __ATOMIC_ACQUIRE);
@@ -603,13 +602,29 @@ static struct task *round_task(struct job *j, struct key *k, uint32_t part)
 		    (t->scratch = malloc(t->n * k->esize))) {
 			t->opt = opt->p;
 			t->t = ++p->opt_t;
-			t->weight = p->master ? p->master : (float *)t->value;
-			t->live = p->master ? NULL : part_live(k, part);
-			t->s0 = p->s0;
-			t->s1 = p->s1;
 			t->ptrs[nin] = t->scratch;
 		} else if (opt) {
-			kvd_log("out of memory for the optimizer state of key '%s'", k->name);
+			kvd_log("no room for the optimizer state of key '%s'", k->name);
+		}
+	}
+	if (p->has_states) {
+		/* the states move to the spare copy with the value (the update, or
+		 * a broadcast's new master copy, then works on them there) */
+		const struct sblock *sb = __atomic_load_n(&k->sblk, __ATOMIC_ACQUIRE);
+		for (uint32_t i = 0; sb && i < sb->narrays; i++) {
+			t->st_from[t->nst] = part_state(k, sb, part, p->ver, i);
+			t->st_to[t->nst++] = part_state(k, sb, part, p->ver + 1, i);
+		}
+		if (sb && sb->master)
+			t->weight = t->st_to[0]; /* a broadcast replaces it too */
+		if (t->opt.kind) {
+			uint32_t s = sb && sb->master ? 1 : 0;
+			if (!t->weight) {
+				t->weight = (float *)t->value;
+				t->live = part_live(k, part);
+			}
+			t->s0 = sb && s < sb->narrays ? t->st_to[s] : NULL;
+			t->s1 = sb && s + 1 < sb->narrays ? t->st_to[s + 1] : NULL;
 		}
 	}
 	for (int r = 0, o = nin + 1; r < n; r++) {
@@ -631,6 +646,8 @@ static int task_run(struct task *t)
 	uint8_t **outs = t->ptrs + t->nin;
 	int rc;
 
+	for (uint32_t i = 0; i < t->nst; i++)
+		memcpy(t->st_to[i], t->st_from[i], t->n * sizeof(float));
 	if (!t->opt.kind) {
 		rc = round_exec(t->kind, t->dtype, t->ptrs, t->nin, outs, t->nout, t->n);
 		if (!rc && t->kind == KIND_BCAST && t->weight)

@@ -255,7 +255,7 @@ void part_publish(struct key *k, uint32_t part)
 		.rounds = p->rounds_done,
 		.opt_t = p->opt_t,
 		.has_value = p->has_value,
-		.opt_fresh = p->opt_fresh,
+		.opt_fresh = p->has_states ? p->opt_fresh : 0,
 	};
 	/* the copy and record written before become the part's state */
 	__atomic_store_n(&v->ver, ver, __ATOMIC_RELEASE);
@@ -366,6 +366,61 @@ void job_man_opt(struct job *j, const struct opt_cfg *opt)
 	if (opt)
 		memcpy(o->spec, opt->spec, o->len);
 	__atomic_store_n(&h->opt_ver, ver, __ATOMIC_RELEASE);
+}
+
+static bool opt_dtype(kv_dtype t)
+{
+	return t == KV_FLOAT32 || t == KV_FLOAT16 || t == KV_BFLOAT16;
+}
+
+/* A state block of na arrays for key k at blk (an arena block, or adopted). */
+static struct sblock *sblock_at(struct key *k, uint8_t *blk, uint32_t na)
+{
+	struct sblock *sb = calloc(1, sizeof(*sb));
+
+	if (!sb)
+		return NULL;
+	sb->narrays = na;
+	sb->master = k->dtype != KV_FLOAT32;
+	sb->copy[0] = (float *)blk;
+	sb->copy[1] = (float *)blk + (size_t)na * k->count;
+	return sb;
+}
+
+/*
+ * The optimizer state block engine key k needs for opt, made unless it has
+ * one of that shape (the old one stays until the job ends: the engine may
+ * be reading it).  0, or KV_ERR_NOMEM with why.
+ */
+static int key_states(struct kvd *d, struct job *j, struct key *k, const struct opt_cfg *opt,
+		      char *why, size_t whylen)
+{
+	uint32_t na = opt_arrays(k, opt);
+	struct kv_mkey *r = man_rec(j, k->id);
+	struct sblock *sb;
+	uint8_t *blk;
+	uint32_t seg = 0;
+	uint64_t off = 0;
+
+	if (!k->vparts || !opt_dtype(k->dtype) || !na || (k->sblk && k->sblk->narrays == na))
+		return 0;
+	blk = job_alloc(d, j, false, 2 * (size_t)na * k->count * sizeof(float), why, whylen);
+	if (!blk || !(sb = sblock_at(k, blk, na))) {
+		if (blk)
+			arena_free(&j->values, blk);
+		if (!why[0])
+			snprintf(why, whylen, "no room for the optimizer states of key '%s'",
+				 k->name);
+		return KV_ERR_NOMEM;
+	}
+	sb->older = k->sblk;
+	arena_locate(&j->values, blk, 1, &seg, &off);
+	r->sseg = seg;
+	r->soff = off;
+	__atomic_store_n(&r->sarrays, na | (sb->master ? KV_MKEY_MASTER : 0), __ATOMIC_RELEASE);
+	/* publishes the block to the engine; pairs with the load-acquire in part_opt_state */
+	__atomic_store_n(&k->sblk, sb, __ATOMIC_RELEASE);
+	return 0;
 }
 
 void job_board_set(struct job *j, enum kv_board_state st)
@@ -481,10 +536,11 @@ static void key_free(struct key *k, int num_workers)
 {
 	if (!k)
 		return;
+	for (struct sblock *sb = k->sblk, *older; sb; sb = older) {
+		older = sb->older;
+		free(sb);
+	}
 	for (uint32_t p = 0; p < k->nparts; p++) {
-		free(k->parts[p].master);
-		free(k->parts[p].s0);
-		free(k->parts[p].s1);
 		free(k->parts[p].head);
 		free(k->parts[p].tail);
 		free(k->parts[p].submitted);
@@ -688,6 +744,8 @@ int job_key_open(struct kvd *d, struct job *j, const struct kv_msg *m, int rank,
 		goto out_nomem;
 	j->dir[k->id / KEY_BLOCK][k->id % KEY_BLOCK] = k;
 	man_key(j, k);
+	if (j->opt && key_states(d, j, k, j->opt, why, whylen))
+		kvd_log("job %s: %s (its updates will fail)", j->name, why);
 	/* publishes the key built above to the engine; pairs with job_key() */
 	__atomic_store_n(&j->nkeys, k->id + 1, __ATOMIC_RELEASE);
 	*created = true;
@@ -750,6 +808,11 @@ int job_set_optimizer(struct kvd *d, struct job *j, struct opt_cfg *opt, char *w
 		__atomic_store_n(&k->moved, 1, __ATOMIC_RELEASE);
 	}
 	opt->fresh = cur && strcmp(cur->name, opt->name) == 0 ? cur->fresh : (cur ? cur->fresh + 1 : 1);
+	for (uint32_t i = 0; i < n; i++) {
+		int rc = key_states(d, j, job_key(j, i), opt, why, whylen);
+		if (rc)
+			return rc;
+	}
 	opt->older = cur;
 	job_man_opt(j, opt);
 	/* pairs with the load-acquire in the engine's round_task() */
@@ -858,11 +921,34 @@ static void adopt_parts(struct key *k)
 		p->spare_rounds = ver ? k->vparts[pi].rec[(ver + 1) & 1].rounds : 0;
 		p->opt_t = r.opt_t;
 		p->opt_fresh = r.opt_fresh;
+		p->has_states = r.opt_fresh != 0;
 		p->has_value = r.has_value != 0;
 		valued += p->has_value;
 	}
 	k->parts_valued = valued;
 	k->has_value = valued == k->nparts;
+}
+
+/* An engine key's optimizer state block, if its record names one. */
+static int adopt_states(struct job *j, struct key *k, const struct kv_mkey *r)
+{
+	uint32_t na = r->sarrays & 0xff;
+	bool master = r->sarrays & KV_MKEY_MASTER;
+	void *blk;
+
+	if (!r->sarrays)
+		return 0;
+	if (!na || na > 3 || (r->sarrays & ~(0xffu | KV_MKEY_MASTER)) || !opt_dtype(k->dtype) ||
+	    master != (k->dtype != KV_FLOAT32) ||
+	    arena_reserve(&j->values, r->sseg, r->soff,
+			  2 * (size_t)na * k->count * sizeof(float), &blk) ||
+	    !(k->sblk = sblock_at(k, blk, na)))
+		return -1;
+	/* states the job's optimizer cannot use start afresh at the next update */
+	if (!j->opt || opt_arrays(k, j->opt) != na)
+		for (uint32_t p = 0; p < k->nparts; p++)
+			k->parts[p].has_states = false;
+	return 0;
 }
 
 /* Key id from its manifest record, checked against everything else known. */
@@ -913,6 +999,8 @@ static int adopt_key(struct kvd *d, struct job *j, uint32_t id, char *why, size_
 		k->vcopy[1] = (uint8_t *)blk + kv_vblock_copy_off(k->nparts, bytes, 1);
 		k->moved = k->dkey != NULL;
 		adopt_parts(k);
+		if (adopt_states(j, k, &r))
+			goto out_bad;
 	}
 	if ((!j->dir[id / KEY_BLOCK] &&
 	     !(j->dir[id / KEY_BLOCK] = calloc(KEY_BLOCK, sizeof(struct key *)))) ||
@@ -932,7 +1020,7 @@ out_bad:
 	return -1;
 }
 
-/* The optimizer the manifest names; states start afresh (not kept yet). */
+/* The optimizer the manifest names. */
 static int adopt_opt(struct job *j, char *why, size_t whylen)
 {
 	struct kv_man_hdr *h = job_man(j);
@@ -1007,11 +1095,11 @@ struct job *job_adopt(struct kvd *d, const char *name, uid_t uid, int num_worker
 	if (adopt_segs(d, j, a, n, KV_HOLD_VALUES, why, whylen) ||
 	    adopt_segs(d, j, a, n, KV_HOLD_DIRECT, why, whylen))
 		goto out_free;
+	if (adopt_opt(j, why, whylen))
+		goto out_free;
 	for (uint32_t id = 0; id < nkeys; id++)
 		if (adopt_key(d, j, id, why, whylen))
 			goto out_free;
-	if (adopt_opt(j, why, whylen))
-		goto out_free;
 	/* nobody is present until the ranks join again */
 	for (int r = 0; r < num_workers; r++)
 		job_board_present(j, r, false);

@@ -109,11 +109,11 @@ struct part {
 	uint64_t ver;             /* [eng] publishes of the value: copy ver & 1 is live */
 	uint64_t live_rounds, spare_rounds; /* [eng] rounds_done as of each copy's publish
 					     * (a repeated op of either round gets it) */
-	/* [eng] optimizer state, made at the part's first update */
-	float *master;   /* f32 master weights (f16/bf16 keys; f32 keys update the value) */
-	float *s0, *s1;  /* momentum, or Adam's mean and variance */
+	/* [eng] optimizer state, made at the part's first update, in the key's
+	 * state block (struct sblock) */
+	bool has_states;
 	uint64_t opt_t;  /* updates applied (Adam's step count) */
-	uint32_t opt_fresh;
+	uint32_t opt_fresh; /* the states' generation (0: none) */
 	struct contrib **head;    /* [eng; relaxed atomic stores] per rank FIFO of contributions */
 	struct contrib **tail;
 	uint64_t *submitted; /* [eng] per rank: rounds this rank has contributed to */
@@ -125,6 +125,21 @@ struct part {
 	struct contrib *pulls;        /* [eng] pulls waiting for rounds */
 	struct contrib *init_waiters; /* [eng] inits waiting for rank 0 */
 	uint64_t stall_since;         /* [eng, relaxed atomic] ns when the open round began */
+};
+
+/*
+ * An engine key's optimizer states, in a block of the job's value segments
+ * made by the control thread when the optimizer is set (or the key made
+ * after): two copies like the value's, a part's states in copy ver & 1 live
+ * with its value.  A copy holds narrays arrays of the key's count floats: the
+ * f32 master weights of an f16/bf16 key first, then the optimizer's states
+ * (momentum, or Adam's mean and variance).
+ */
+struct sblock {
+	uint32_t narrays;
+	bool master;
+	float *copy[2];
+	struct sblock *older; /* replaced blocks, kept until the job ends */
 };
 
 struct key {
@@ -144,6 +159,7 @@ struct key {
 	uint32_t has_value;  /* [atomic] every part holds a value */
 	uint32_t moved;      /* [atomic] a direct key now served by the engine (optimizer set) */
 	uint32_t parts_valued; /* [eng] */
+	struct sblock *sblk; /* [ctl] publishes (release), [eng] reads (acquire); NULL: none */
 	struct part *parts;  /* [const] pointer; contents [eng] */
 };
 
@@ -319,6 +335,15 @@ static inline struct kv_man_hdr *job_man(struct job *j)
 /* The job's optimizer is now opt: record it in the manifest. */
 void job_man_opt(struct job *j, const struct opt_cfg *opt);
 
+/* State array i of the part in copy c of block sb, or NULL. */
+static inline float *part_state(const struct key *k, const struct sblock *sb, uint32_t part,
+				uint64_t c, uint32_t i)
+{
+	return sb && i < sb->narrays ? sb->copy[c & 1] + (size_t)i * k->count +
+					       (size_t)part * k->part_elems
+				     : NULL;
+}
+
 /* Part p of an engine key's value copy c (0 or 1; only its low bit counts). */
 static inline uint8_t *part_copy(const struct key *k, uint32_t part, uint64_t c)
 {
@@ -406,8 +431,8 @@ int ckpt_snapshot(struct job *j, bool dump_spec, uint8_t **out, size_t *outlen, 
 		  size_t whylen);
 int ckpt_verify(const uint8_t *buf, size_t len, char *why, size_t whylen);
 int ckpt_restore(struct job *j, const uint8_t *buf, size_t len, char *why, size_t whylen);
-/* engine.c: the part's state arrays for opt, allocated (contents unset) */
-int part_opt_alloc(struct key *k, uint32_t part, const struct opt_cfg *opt);
+/* engine.c: the number of state arrays opt keeps for key k (master included) */
+uint32_t opt_arrays(const struct key *k, const struct opt_cfg *opt);
 void engine_ckpt(struct kvd *d, struct ckpt_req *req);
 /* ctl.c: the engine is done with req (status and why set) */
 void ctl_ckpt_done(struct kvd *d, struct ckpt_req *req);

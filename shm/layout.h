@@ -338,7 +338,9 @@ static inline uint64_t kv_vblock_size(uint32_t nparts, uint64_t bytes)
  * describes the job.  A key's record is written once, before the key is
  * handed out, and published by chunk 0's nkeys (release); a direct key that
  * an optimizer moves to the engine gets its value block recorded, then
- * KV_MKEY_VALUE.  The optimizer spec is double-buffered like a part.
+ * KV_MKEY_VALUE; a key's optimizer state block (two copies like the value's,
+ * each of (sarrays & 0xff) arrays of count f32) is recorded when the
+ * optimizer is set.  The optimizer spec is double-buffered like a part.
  */
 #define KV_MAN_MAGIC 0x4e4d564bu /* "KVMN" */
 #define KV_MAN_HDR 4096u
@@ -380,8 +382,11 @@ struct kv_mkey {
 	uint16_t name_len;
 	uint8_t dtype, pad0;
 	char name[256];
-	uint8_t pad[16];
+	uint64_t soff;    /* the optimizer state block in value segment sseg */
+	uint32_t sseg;
+	uint32_t sarrays; /* published last: arrays per copy | KV_MKEY_MASTER; 0: none */
 };
+#define KV_MKEY_MASTER (1u << 8) /* the state block's array 0 is the f32 master copy */
 _Static_assert(sizeof(struct kv_mkey) == 320, "mkey size");
 
 static inline uint32_t kv_man_first(uint32_t chunk)

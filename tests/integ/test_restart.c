@@ -39,6 +39,7 @@
 #include "../../shm/layout.h"
 #include "../../shm/msg.h"
 #include "../../shm/seg.h"
+#include "../../kernels/reduce.h"
 
 #define R_KEYS 4
 #define R_W 512
@@ -169,7 +170,7 @@ struct job_run {
 	const struct kvd_proc *k;
 	const char *job;
 	int n;
-	struct rshared *sh;
+	void *sh; /* what the ranks share */
 	int rc;
 	char why[256];
 };
@@ -608,4 +609,142 @@ Test(restart, job_whose_ranks_all_died_leaves_nothing, .timeout = 60)
 	pclose(out);
 	kvd_stop(&k);
 	munmap((void *)ready, 4096);
+}
+
+/* ------------------------------------------------------------------ optimizer states */
+
+/*
+ * With an optimizer in the store, a round that is applied twice or skipped,
+ * or a state (momentum, Adam's moments, an f16 key's f32 master copy, Adam's
+ * step count) that is lost, changes every value after it.  So the same job
+ * runs twice, once undisturbed and once with kvd killed (by the fault hook
+ * right after a round is recorded and rank 0 alone was told, then by SIGKILL
+ * mid-step), and every step's result must be the same to the bit.
+ */
+#define O_STEPS 12
+#define O_KEYS 3
+
+static const struct rkey okeys[O_KEYS] = {
+	{ "wf", KV_FLOAT32, 400000, 0, 0 }, /* the engine's from the start */
+	{ "wh", KV_FLOAT16, 300000, 0, 0 }, /* direct until the optimizer moves it */
+	{ "wb", KV_BFLOAT16, 600000, 0, 0 },
+};
+
+struct oshared {
+	volatile int step[R_MAXR];
+	uint64_t hash[2][O_STEPS + 1][O_KEYS]; /* [run][step][key]: FNV-1a of rank 0's result */
+	int run;
+};
+
+static uint64_t fnv(const void *p, size_t n)
+{
+	const uint8_t *b = p;
+	uint64_t h = 0xcbf29ce484222325ull;
+
+	for (size_t i = 0; i < n; i++) {
+		h ^= b[i];
+		h *= 0x100000001b3ull;
+	}
+	return h;
+}
+
+/* Rank r's gradient for step s: small, different per element, rank and step. */
+static void grad(int k, int r, int s, void *b)
+{
+	for (size_t i = 0; i < okeys[k].count; i++) {
+		float g = (float)((int)((i * 13 + (size_t)r * 7 + (size_t)s * 3) % 17) - 8) / 64.0f;
+		if (okeys[k].t == KV_FLOAT32)
+			((float *)b)[i] = g;
+		else
+			((uint16_t *)b)[i] = okeys[k].t == KV_FLOAT16 ? float_to_half(g) : float_to_bf16(g);
+	}
+}
+
+static int opt_rank(int rank, int n, const struct kvd_proc *kp, void *arg)
+{
+	struct oshared *sh = arg;
+	kv_store *kv = open_rank(20000);
+	void *g[O_KEYS], *w[O_KEYS];
+
+	(void)kp;
+	(void)n;
+	CHECK(kv, "open");
+	for (int k = 0; k < O_KEYS; k++) {
+		size_t bytes = okeys[k].count * kv_dtype_size(okeys[k].t);
+		g[k] = malloc(bytes);
+		w[k] = malloc(bytes);
+		CHECK(g[k] && w[k], "out of memory");
+		grad(k, 99, 0, w[k]); /* the initial weights */
+		CHECK_RC(kv_init(kv, okeys[k].name, w[k], okeys[k].count, okeys[k].t), KV_OK);
+	}
+	CHECK_RC(kv_set_optimizer(kv, "adam lr=0.01 wd=0.001"), KV_OK);
+	for (int s = 1; s <= O_STEPS; s++) {
+		for (int k = 0; k < O_KEYS; k++) {
+			int rc, tries = 0;
+			grad(k, rank, s, g[k]);
+			while ((rc = kv_pushpull(kv, okeys[k].name, g[k], w[k], okeys[k].count,
+						 okeys[k].t, 0)) == KV_ERR_DAEMON)
+				CHECK(++tries < 20, "step %d key '%s': KV_ERR_DAEMON %d times: %s", s,
+				      okeys[k].name, tries, kv_last_error(kv));
+			CHECK(rc == KV_OK, "step %d key '%s': %d (%s): %s", s, okeys[k].name, rc,
+			      kv_strerror(rc), kv_last_error(kv));
+			if (rank == 0)
+				sh->hash[sh->run][s][k] =
+					fnv(w[k], okeys[k].count * kv_dtype_size(okeys[k].t));
+		}
+		sh->step[rank] = s;
+	}
+	kv_close(kv);
+	return 0;
+}
+
+static void *run_opt_job(void *arg)
+{
+	struct job_run *jr = arg;
+
+	jr->rc = run_ranks(jr->k, jr->job, jr->n, opt_rank, jr->sh, 120, jr->why,
+			   sizeof(jr->why));
+	return NULL;
+}
+
+Test(restart, optimizer_states_survive_to_the_bit, .timeout = 180)
+{
+	struct oshared *sh = mmap(NULL, sizeof(*sh), PROT_READ | PROT_WRITE,
+				  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	struct kvd_proc k;
+	struct job_run jr = { .k = &k, .job = "adam", .n = 2, .sh = sh };
+	char why[256];
+	pthread_t th;
+
+	cr_assert(sh != MAP_FAILED);
+	memset(sh, 0, sizeof(*sh));
+	/* run 0: undisturbed */
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	cr_assert_eq(run_ranks(&k, "adam", 2, opt_rank, sh, 120, why, sizeof(why)), 0, "%s", why);
+	kvd_stop(&k);
+
+	/* run 1: kvd dies after round 9 (3 engine keys of 2 parts: step 2), rank 0 told
+	 * alone; then SIGKILL once the ranks are past step 6 */
+	sh->run = 1;
+	memset((void *)sh->step, 0, sizeof(sh->step));
+	setenv("KVD_FAULT_KILL_AFTER_ROUND", "9", 1);
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	unsetenv("KVD_FAULT_KILL_AFTER_ROUND");
+	cr_assert_eq(pthread_create(&th, NULL, run_opt_job, &jr), 0);
+	for (int w = 0; waitpid(k.pid, NULL, WNOHANG) == 0 && w < 60000; w++)
+		usleep(500);
+	k.pid = 0;
+	cr_assert_eq(kvd_restart(&k, NULL), 0);
+	for (int w = 0; (sh->step[0] < 6 || sh->step[1] < 6) && w < 60000; w++)
+		usleep(500);
+	cr_assert_eq(kvd_restart(&k, NULL), 0);
+	pthread_join(th, NULL);
+	kvd_stop(&k);
+	cr_assert_eq(jr.rc, 0, "%s", jr.why);
+	for (int s = 1; s <= O_STEPS; s++)
+		for (int kk = 0; kk < O_KEYS; kk++)
+			cr_assert_eq(sh->hash[1][s][kk], sh->hash[0][s][kk],
+				     "step %d key '%s': the weights differ from the undisturbed run",
+				     s, okeys[kk].name);
+	munmap(sh, sizeof(*sh));
 }
