@@ -119,6 +119,21 @@ int kvd_restart(struct kvd_proc *k, const char *const *args)
 	return kvd_spawn(k, args, O_APPEND);
 }
 
+int kvd_restart_clean(struct kvd_proc *k, const char *const *args)
+{
+	int st = -1;
+
+	if (k->pid > 0) {
+		kill(k->pid, SIGTERM);
+		if (waitpid(k->pid, &st, 0) != k->pid || !WIFEXITED(st) || WEXITSTATUS(st)) {
+			k->pid = 0;
+			return -1;
+		}
+	}
+	k->pid = 0;
+	return kvd_spawn(k, args, O_APPEND);
+}
+
 static void dump_log(const struct kvd_proc *k)
 {
 	char line[1024];

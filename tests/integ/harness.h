@@ -28,6 +28,9 @@ int kvd_start(struct kvd_proc *k, const char *const *args);
 void kvd_crash(struct kvd_proc *k);
 /* kvd_crash, then a new kvd on the same socket, its log appended; 0 or -1. */
 int kvd_restart(struct kvd_proc *k, const char *const *args);
+/* The same after a clean stop (SIGTERM, as systemctl restart does); -1 when
+ * kvd did not exit 0. */
+int kvd_restart_clean(struct kvd_proc *k, const char *const *args);
 /* SIGTERM and wait; returns kvd's exit status (or -1 if it had to be killed). */
 int kvd_stop(struct kvd_proc *k);
 /* Path of a built program, from $KVD_BIN_DIR (set by make check) or build/bin. */

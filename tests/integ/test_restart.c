@@ -23,6 +23,7 @@
 #include <dirent.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -200,7 +201,8 @@ static int min_step(const struct rshared *sh, int n)
  * that many engine rounds and before it told any rank (at[0] then is the step
  * by which the ranks must have noticed).
  */
-static void restart_run(int n, int steps, const int *at, int nat, int delay_us, int kill_round)
+static void restart_run(int n, int steps, const int *at, int nat, int delay_us, int kill_round,
+			bool clean)
 {
 	struct rshared *sh = mmap(NULL, sizeof(*sh), PROT_READ | PROT_WRITE,
 				  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -235,7 +237,10 @@ static void restart_run(int n, int steps, const int *at, int nat, int delay_us, 
 		for (int w = 0; min_step(sh, n) < at[i] && w < 60000; w++)
 			usleep(500);
 		usleep((useconds_t)delay_us);
-		cr_assert_eq(kvd_restart(&k, NULL), 0, "kvd started again");
+		if (clean)
+			cr_assert_eq(kvd_restart_clean(&k, NULL), 0, "kvd stopped cleanly, started");
+		else
+			cr_assert_eq(kvd_restart(&k, NULL), 0, "kvd started again");
 	}
 	pthread_join(th, NULL);
 	for (int r = 0; r < n; r++)
@@ -252,14 +257,22 @@ Test(restart, two_ranks_survive_kill_9_mid_step, .timeout = 120)
 	static const int at[] = { 3, 9, 15 };
 
 	/* no pause: the kill lands while the ranks are in the middle of a step */
-	restart_run(2, 20, at, 3, 0, 0);
+	restart_run(2, 20, at, 3, 0, 0, false);
 }
 
 Test(restart, three_ranks_survive_kills_with_a_pause, .timeout = 120)
 {
 	static const int at[] = { 2, 6 };
 
-	restart_run(3, 10, at, 2, 3000, 0);
+	restart_run(3, 10, at, 2, 3000, 0, false);
+}
+
+/* systemctl restart: kvd stops cleanly (SIGTERM) mid-step and comes back. */
+Test(restart, survives_a_clean_restart, .timeout = 120)
+{
+	static const int at[] = { 4, 8 };
+
+	restart_run(2, 12, at, 2, 0, 0, true);
 }
 
 /*
@@ -274,17 +287,17 @@ Test(restart, three_ranks_survive_kills_with_a_pause, .timeout = 120)
  */
 Test(restart, killed_when_one_rank_heard_of_a_round, .timeout = 120)
 {
-	restart_run(2, 6, NULL, 0, 20000, 8);
+	restart_run(2, 6, NULL, 0, 20000, 8, false);
 }
 
 Test(restart, killed_when_one_of_three_heard_of_a_round, .timeout = 120)
 {
-	restart_run(3, 6, NULL, 0, 0, 10);
+	restart_run(3, 6, NULL, 0, 0, 10, false);
 }
 
 Test(restart, killed_after_the_first_part_of_a_round, .timeout = 120)
 {
-	restart_run(2, 6, NULL, 0, 0, 7);
+	restart_run(2, 6, NULL, 0, 0, 7, false);
 }
 
 /* ------------------------------------------------------------------ forged state */
