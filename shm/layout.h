@@ -84,7 +84,11 @@ _Static_assert(KV_SQ_CTL_OFF % KV_CACHELINE == 0 && KV_CQ_CTL_OFF % KV_CACHELINE
 #define KV_SEG_NONE 0xffffffffu
 struct kv_loc {
 	uint32_t seg;
-	uint32_t tag; /* a submission's in.tag: the board epoch its op began in (below) */
+	uint32_t tag; /* in.tag: the board epoch the op began in (below); out.tag of a
+		       * push, pushpull or broadcast: the round of the part it is for,
+		       * 0 when unknown.  A round that completed already is not run
+		       * again: the part completes with that round's result if kvd
+		       * still has it (the last two), else KV_ERR_DAEMON */
 	uint64_t off;
 };
 _Static_assert(sizeof(struct kv_loc) == 16, "loc size");

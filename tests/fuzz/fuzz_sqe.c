@@ -171,7 +171,7 @@ static void setup(void)
 	pthread_mutex_init(&E->plock, NULL);
 	pthread_cond_init(&E->pcond, NULL);
 	D.eng = E;
-	J = job_create(&D, "fuzz", 0, 2);
+	J = job_create(&D, "fuzz", 0, 2, why, sizeof(why));
 	FCHECK(J, "job_create");
 	add_key("f32", 100, KV_FLOAT32);
 	add_key("i64-2parts", 1000, KV_INT64);
@@ -277,13 +277,17 @@ static bool status_in(int status, int f)
 }
 
 /* What a valid entry may complete with (the design's round semantics, README "Semantics"). */
-static bool valid_status(int status, uint8_t op, int rank)
+static bool valid_status(int status, uint8_t op, int rank, uint32_t round)
 {
+	bool round_op = op == KV_OP_PUSH || op == KV_OP_PUSHPULL || op == KV_OP_BCAST;
+
 	switch (status) {
 	case KV_OK:
 	case KV_ERR_TIMEOUT: /* cancelled */
 	case KV_ERR_PEER:    /* failed at the end of the input, as when a rank leaves */
 		return true;
+	case KV_ERR_DAEMON: /* names a completed round whose result is gone (out.tag) */
+		return round_op && round;
 	case KV_ERR_NOKEY: /* a pull of a part that holds no value yet */
 		return op == KV_OP_PULL;
 	case KV_ERR_EXISTS: /* a rank's second init */
@@ -300,6 +304,7 @@ static bool valid_status(int status, uint8_t op, int rank)
 struct rec {
 	uint8_t op;
 	int rank, faults, seen, status;
+	uint32_t round; /* out.tag: the round a round op says it is for (0: any) */
 };
 
 static struct rec R[MAX_RECORDS];
@@ -373,8 +378,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			s.user_data = tag((int)(s.user_data % (uint64_t)(i + 1)));
 		else
 			s.user_data = tag(i);
-		R[i] = (struct rec){
-			.op = s.op, .rank = r, .faults = s.op == KV_OP_CANCEL ? 0 : faults(&s, r)};
+		R[i] = (struct rec){ .op = s.op,
+				     .rank = r,
+				     .faults = s.op == KV_OP_CANCEL ? 0 : faults(&s, r),
+				     .round = s.out.tag };
 		rc = ring_push(&SQ[r], &s);
 		FCHECK(rc == 0, "SQ of rank %d: %d", r, rc);
 		FCHECK(poll_client(E, C[r]) >= 1, "entry %d not taken", i);
@@ -413,7 +420,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			       "entry %d (op %u, faults %#x) completed with %d", i, R[i].op,
 			       R[i].faults, R[i].status);
 		else
-			FCHECK(valid_status(R[i].status, R[i].op, R[i].rank),
+			FCHECK(valid_status(R[i].status, R[i].op, R[i].rank, R[i].round),
 			       "valid entry %d (op %u, rank %d) completed with %d", i, R[i].op,
 			       R[i].rank, R[i].status);
 	}

@@ -180,6 +180,32 @@ static void msgs(void)
 	m.u.file.path = "";
 	m.u.file.len = 0;
 	msg("load", &m);
+
+	memset(&m, 0, sizeof(m));
+	m.type = KV_MSG_HOLD;
+	m.u.hold.n = 4;
+	m.u.hold.kind[0] = KV_HOLD_MANIFEST;
+	m.u.hold.kind[1] = KV_HOLD_VALUES;
+	m.u.hold.id[1] = 3;
+	m.u.hold.kind[2] = KV_HOLD_DIRECT;
+	m.u.hold.kind[3] = KV_HOLD_BOARD;
+	msg("hold", &m);
+	m.type = KV_MSG_ADOPT;
+	m.u.hold.n = 2;
+	m.u.hold.kind[1] = KV_HOLD_OWN;
+	m.u.hold.id[1] = 65535;
+	m.u.hold.kind[2] = m.u.hold.kind[3] = 0;
+	msg("adopt", &m);
+
+	memset(&m, 0, sizeof(m));
+	m.type = KV_MSG_HELLO;
+	m.seq = 14;
+	m.u.hello.num_workers = 4;
+	m.u.hello.rank = 3;
+	m.u.hello.device = -1;
+	m.u.hello.flags = KV_HELLO_RESUME;
+	strcpy(m.u.hello.job, "resumed");
+	msg("hello-resume", &m);
 }
 
 /* ------------------------------------------------------------------ sqe */
