@@ -641,28 +641,38 @@ static struct task *round_task(struct job *j, struct key *k, uint32_t part)
 	return t;
 }
 
+#define UPDATE_CHUNK 8192 /* elements: a chunk's arrays stay in cache from copy to update */
+
 static int task_run(struct task *t)
 {
 	uint8_t **outs = t->ptrs + t->nin;
+	size_t es = kv_dtype_size(t->dtype);
 	int rc;
 
-	for (uint32_t i = 0; i < t->nst; i++)
-		memcpy(t->st_to[i], t->st_from[i], t->n * sizeof(float));
 	if (!t->opt.kind) {
+		for (uint32_t i = 0; i < t->nst; i++)
+			memcpy(t->st_to[i], t->st_from[i], t->n * sizeof(float));
 		rc = round_exec(t->kind, t->dtype, t->ptrs, t->nin, outs, t->nout, t->n);
 		if (!rc && t->kind == KIND_BCAST && t->weight)
 			reduce_to_f32(t->weight, t->value, t->dtype, t->n);
 		return rc;
 	}
-	/* sum the gradient, update the weight (and its stored copy), hand it out;
-	 * an f32 key's weight is its value: the update works on the spare copy */
-	if (t->live)
-		memcpy(t->value, t->live, t->n * sizeof(float));
+	/* sum the gradient, update the weight (and its stored copy), hand it out.
+	 * The update works on the spare copy (an f32 key's weight is its value):
+	 * chunk by chunk, the live weight and states are copied across, then
+	 * updated while still in cache */
 	rc = round_exec(KIND_SUM, t->dtype, t->ptrs, t->nin, outs, 1, t->n);
-	if (!rc)
-		rc = optim_update(REDUCE_CPU, NULL, &t->opt, t->t, t->weight, t->scratch, t->dtype,
-				  t->s0, t->s1, t->dtype == KV_FLOAT32 ? NULL : t->value, t->dtype,
-				  t->n);
+	for (size_t off = 0; off < t->n && !rc; off += UPDATE_CHUNK) {
+		size_t m = t->n - off < UPDATE_CHUNK ? t->n - off : UPDATE_CHUNK;
+		for (uint32_t i = 0; i < t->nst; i++)
+			memcpy(t->st_to[i] + off, t->st_from[i] + off, m * sizeof(float));
+		if (t->live)
+			memcpy(t->value + off * es, t->live + off * es, m * sizeof(float));
+		rc = optim_update(REDUCE_CPU, NULL, &t->opt, t->t, t->weight + off,
+				  t->scratch + off * es, t->dtype, t->s0 ? t->s0 + off : NULL,
+				  t->s1 ? t->s1 + off : NULL,
+				  t->dtype == KV_FLOAT32 ? NULL : t->value + off * es, t->dtype, m);
+	}
 	for (int i = 1; i < t->nout && !rc; i += REDUCE_MAX_INPUTS) {
 		int m = t->nout - i < REDUCE_MAX_INPUTS ? t->nout - i : REDUCE_MAX_INPUTS;
 		rc = reduce_copy(REDUCE_CPU, NULL, t->dtype, (void *const *)(outs + i), m,
