@@ -1275,14 +1275,14 @@ static int adopt(struct local *l, char *err)
 
 /*
  * kvd went away (died, or was stopped) and may come back: connect again,
- * with backoff (10 ms doubling to 1 s) until timeout_ms has passed since
- * the loss, hand back the job's segments and join as the same rank.  Keys,
+ * with backoff (10 ms doubling to 1 s) until timeout_ms (RECONNECT_MS when
+ * the store has no timeout) has passed since the loss, hand back the job's segments and join as the same rank.  Keys,
  * their ids, direct segments, the board and this store's own segments all
  * stay as they are.  0, or the store stays dead with the reason.
  */
 static int reconnect(struct local *l, char *err)
 {
-	int64_t deadline = l->o.timeout_ms > 0 ? l->lost_ms + l->o.timeout_ms : 0;
+	int64_t deadline = l->lost_ms + (l->o.timeout_ms > 0 ? l->o.timeout_ms : RECONNECT_MS);
 	long pause_ms = 10;
 	int rc;
 
@@ -1306,14 +1306,12 @@ static int reconnect(struct local *l, char *err)
 			rc = l->sock;
 		}
 		/* a kvd that refused this job back will not change its mind */
-		if (rc != KV_ERR_DAEMON || (deadline && now_ms() >= deadline) ||
-		    strstr(err, "kvd refused")) {
+		if (rc != KV_ERR_DAEMON || now_ms() >= deadline || strstr(err, "kvd refused")) {
 			l->dead = true;
 			l->lost = false;
 			l->dead_code = rc == KV_ERR_TIMEOUT ? KV_ERR_DAEMON : rc;
 			snprintf(l->dead_why, sizeof(l->dead_why),
-				 "kvd went away and did not take this job back%s: %s",
-				 deadline ? " in time" : "", err);
+				 "kvd went away and did not take this job back in time: %s", err);
 			return fail(err, l->dead_code, "%s", l->dead_why);
 		}
 		pthread_mutex_unlock(&l->lock);

@@ -20,6 +20,7 @@
 #define WAIT_SLICE_MS 100 /* sleep this long at most between liveness checks */
 #define CANCEL_GRACE_MS 2000
 #define ARENA_GROW_MIN (16u << 20)
+#define RECONNECT_MS 60000 /* a store without timeout_ms waits this long for kvd to be back */
 
 struct lop;
 

@@ -761,3 +761,81 @@ Test(restart, optimizer_states_survive_to_the_bit, .timeout = 180)
 				     s, okeys[kk].name);
 	munmap(sh, sizeof(*sh));
 }
+
+/* A kvd that does not come back: the call fails with KV_ERR_DAEMON once
+ * timeout_ms has passed since the loss, saying so, and the store stays dead. */
+static int abandoned_rank(int rank, int n, const struct kvd_proc *kp, void *arg)
+{
+	volatile int *flag = arg;
+	kv_store *kv = open_rank(400);
+	float *v = calloc(400000, sizeof(float)); /* the engine's: a direct round needs no kvd */
+	struct timespec t0, t1;
+	double dt;
+	int rc;
+
+	(void)kp;
+	(void)n;
+	CHECK(kv && v, "open");
+	CHECK_RC(kv_init(kv, "v", v, 400000, KV_FLOAT32), KV_OK);
+	CHECK_RC(kv_pushpull(kv, "v", v, v, 400000, KV_FLOAT32, 0), KV_OK);
+	__atomic_add_fetch(flag, 1, __ATOMIC_SEQ_CST);
+	while (__atomic_load_n(flag, __ATOMIC_SEQ_CST) < 100) /* kvd is killed */
+		usleep(1000);
+	/* the first call may find kvd gone only once it waits: it was in flight */
+	rc = kv_pushpull(kv, "v", v, v, 400000, KV_FLOAT32, 0);
+	CHECK(rc == KV_ERR_DAEMON, "rank %d: %d (%s): %s", rank, rc, kv_strerror(rc),
+	      kv_last_error(kv));
+	/* the next one tries to reach a kvd for timeout_ms, then gives up */
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	rc = kv_pushpull(kv, "v", v, v, 400000, KV_FLOAT32, 0);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	dt = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-9;
+	CHECK(rc == KV_ERR_DAEMON, "rank %d: %d (%s): %s", rank, rc, kv_strerror(rc),
+	      kv_last_error(kv));
+	CHECK(strstr(kv_last_error(kv), "did not take this job back"), "the sentence: %s",
+	      kv_last_error(kv));
+	CHECK(dt < 3.0, "gave up after %.2f s, timeout_ms 400", dt);
+	CHECK(dt > 0.1, "gave up after %.3f s without trying", dt);
+	CHECK_RC(kv_pull(kv, "v", v, 400000, KV_FLOAT32, 0), KV_ERR_DAEMON);
+	kv_close(kv);
+	free(v);
+	return 0;
+}
+
+struct abandon {
+	const struct kvd_proc *k;
+	volatile int *flag;
+	int rc;
+	char why[256];
+};
+
+static void *abandon_job(void *arg)
+{
+	struct abandon *a = arg;
+
+	a->rc = run_ranks(a->k, "abandoned", 2, abandoned_rank, (void *)a->flag, 30, a->why,
+			  sizeof(a->why));
+	return NULL;
+}
+
+Test(restart, gives_up_when_kvd_does_not_come_back, .timeout = 60)
+{
+	volatile int *flag = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+				  -1, 0);
+	struct kvd_proc k;
+	struct abandon a = { .k = &k, .flag = flag };
+	pthread_t th;
+
+	cr_assert(flag != MAP_FAILED);
+	*flag = 0;
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	cr_assert_eq(pthread_create(&th, NULL, abandon_job, &a), 0);
+	for (int w = 0; *flag < 2 && w < 20000; w++)
+		usleep(500);
+	kvd_crash(&k);
+	__atomic_store_n(flag, 100, __ATOMIC_SEQ_CST);
+	pthread_join(th, NULL);
+	cr_assert_eq(a.rc, 0, "%s", a.why);
+	kvd_stop(&k);
+	munmap((void *)flag, 4096);
+}
