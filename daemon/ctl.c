@@ -66,6 +66,7 @@ struct conn {
 	pid_t pid;
 	struct client *cl; /* after a hello */
 	bool said_hello;
+	bool evicted; /* told so and shut down */
 	struct kv_adopt *adopt; /* segments handed back before a resuming hello */
 	uint32_t nadopt, capadopt;
 	struct msghdr mh;
@@ -1163,8 +1164,16 @@ static void on_evict(struct ctl *x)
 {
 	ckpt_drain(x);
 	for (struct conn *cn = x->conns; cn; cn = cn->next)
-		if (cn->cl && __atomic_load_n(&cn->cl->evict, __ATOMIC_ACQUIRE))
+		if (cn->cl && !cn->evicted && __atomic_load_n(&cn->cl->evict, __ATOMIC_ACQUIRE)) {
+			char why[160];
+			/* said first, so its libkv does not take this for kvd going away
+			 * (and come back) */
+			snprintf(why, sizeof(why), "kvd disconnected this rank: %s",
+				 cn->cl->evict_why);
+			reply_error(cn, 0, KV_ERR_PROTO, why);
+			cn->evicted = true;
 			shutdown(cn->fd, SHUT_RDWR); /* its recvmsg completes with EOF */
+		}
 }
 
 static void on_signal(struct ctl *x)
