@@ -1275,7 +1275,7 @@ static int adopt(struct local *l, char *err)
 
 /*
  * kvd went away (died, or was stopped) and may come back: connect again,
- * with backoff (10 ms doubling to 1 s) until timeout_ms (RECONNECT_MS when
+ * with backoff (10 ms doubling to 250 ms) until timeout_ms (RECONNECT_MS when
  * the store has no timeout) has passed since the loss, hand back the job's segments and join as the same rank.  Keys,
  * their ids, direct segments, the board and this store's own segments all
  * stay as they are.  0, or the store stays dead with the reason.
@@ -1317,7 +1317,7 @@ static int reconnect(struct local *l, char *err)
 		pthread_mutex_unlock(&l->lock);
 		usleep((useconds_t)pause_ms * 1000);
 		pthread_mutex_lock(&l->lock);
-		pause_ms = pause_ms < 500 ? pause_ms * 2 : 1000;
+		pause_ms = pause_ms < 125 ? pause_ms * 2 : 250;
 	}
 }
 

@@ -185,6 +185,14 @@ static void *run_job(void *arg)
 	return NULL;
 }
 
+static double mono_s(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
 static int min_step(const struct rshared *sh, int n)
 {
 	int m = sh->steps;
@@ -209,9 +217,10 @@ static void restart_run(int n, int steps, const int *at, int nat, int delay_us, 
 	struct kvd_proc k;
 	struct job_run jr = { .k = &k, .job = "restart", .n = n };
 	pthread_t th;
-	int errs = 0;
+	int errs = 0, restarts = 0;
+	double back[64] = { 0 }, back_max = 0;
 
-	cr_assert(sh != MAP_FAILED);
+	cr_assert(sh != MAP_FAILED && nat <= 64);
 	memset(sh, 0, sizeof(*sh));
 	sh->steps = steps;
 	jr.sh = sh;
@@ -232,23 +241,37 @@ static void restart_run(int n, int steps, const int *at, int nat, int delay_us, 
 		usleep((useconds_t)delay_us);
 		cr_assert_eq(kvd_restart(&k, NULL), 0, "kvd started again");
 		nat = 0;
+		restarts = 1;
 	}
 	for (int i = 0; i < nat; i++) {
+		int cur;
+		double t0;
 		for (int w = 0; min_step(sh, n) < at[i] && w < 60000; w++)
 			usleep(500);
-		usleep((useconds_t)delay_us);
+		/* delay_us < 0: a random pause of up to -delay_us */
+		usleep((useconds_t)(delay_us >= 0 ? delay_us : rand() % -delay_us));
+		cur = min_step(sh, n);
 		if (clean)
 			cr_assert_eq(kvd_restart_clean(&k, NULL), 0, "kvd stopped cleanly, started");
 		else
 			cr_assert_eq(kvd_restart(&k, NULL), 0, "kvd started again");
+		/* how long from a kvd listening again to the job a step further */
+		t0 = mono_s();
+		for (int w = 0; min_step(sh, n) <= cur && cur < steps && w < 60000; w++)
+			usleep(200);
+		back[i] = mono_s() - t0;
+		restarts++;
 	}
 	pthread_join(th, NULL);
 	for (int r = 0; r < n; r++)
 		errs += sh->daemon_errs[r];
 	kvd_stop(&k);
 	cr_assert_eq(jr.rc, 0, "%s", jr.why);
-	cr_log_info("restart: %d ranks, %d restarts, %d ops repeated after KV_ERR_DAEMON", n,
-		    nat, errs);
+	for (int i = 0; i < nat; i++)
+		back_max = back[i] > back_max ? back[i] : back_max;
+	cr_log_info("restart: %d ranks, %d restarts, %d ops repeated after KV_ERR_DAEMON; the "
+		    "job a step further at most %.1f ms after kvd listened again",
+		    n, restarts, errs, back_max * 1e3);
 	munmap(sh, sizeof(*sh));
 }
 
@@ -265,6 +288,19 @@ Test(restart, three_ranks_survive_kills_with_a_pause, .timeout = 120)
 	static const int at[] = { 2, 6 };
 
 	restart_run(3, 10, at, 2, 3000, 0, false);
+}
+
+/* Ten kills at random moments of a 40-step job (seed printed: srand). */
+Test(restart, ten_kills_at_random_moments, .timeout = 120)
+{
+	int at[10];
+	unsigned seed = (unsigned)time(NULL);
+
+	srand(seed);
+	cr_log_info("restart: seed %u", seed);
+	for (int i = 0; i < 10; i++)
+		at[i] = 2 + 3 * i + rand() % 3;
+	restart_run(3, 40, at, 10, -3000, 0, false);
 }
 
 /* systemctl restart: kvd stops cleanly (SIGTERM) mid-step and comes back. */
