@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -95,6 +96,7 @@ struct ctl {
 	double status_last;                 /* when the last STATUS= went out */
 
 	int spare_fd;      /* held for refuse_no_fds() */
+	uint32_t adopt_fds, adopt_max; /* segments held for resuming hellos, and the bound */
 	struct __kernel_timespec listen_retry; /* arm_listen_poll() without a spare */
 	struct __kernel_timespec quiet_limit;  /* a connection's silence before its hello */
 	uint64_t refused;  /* connections refused for want of descriptors */
@@ -361,8 +363,19 @@ static void hold_sync(struct job *j)
 			hold_client(j, j->ranks[r]);
 }
 
-static void adopt_drop(struct conn *cn)
+/* Descriptors kvd may hold for resuming hellos not said yet: a quarter of its own. */
+static uint32_t adopt_budget(void)
 {
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) || rl.rlim_cur == RLIM_INFINITY)
+		return 16384;
+	return rl.rlim_cur / 4 > 64 ? (uint32_t)(rl.rlim_cur / 4) : 64;
+}
+
+static void adopt_drop(struct ctl *x, struct conn *cn)
+{
+	x->adopt_fds -= cn->nadopt;
 	for (uint32_t i = 0; i < cn->nadopt; i++)
 		close(cn->adopt[i].fd);
 	free(cn->adopt);
@@ -371,7 +384,8 @@ static void adopt_drop(struct conn *cn)
 }
 
 /* ADOPT, before a resuming hello: keep the segments (the fds are taken). */
-static int on_adopt(struct conn *cn, const struct kv_msg *m, const int *fds, int nfds)
+static int on_adopt(struct ctl *x, struct conn *cn, const struct kv_msg *m, const int *fds,
+		    int nfds)
 {
 	const char *why = NULL;
 
@@ -379,6 +393,11 @@ static int on_adopt(struct conn *cn, const struct kv_msg *m, const int *fds, int
 		why = "an ADOPT message without one descriptor per segment";
 	else if (cn->nadopt + (uint32_t)nfds > ADOPT_MAX)
 		why = "more segments handed back than any job has";
+	else if (x->adopt_fds + (uint32_t)nfds > x->adopt_max)
+		/* descriptors held for hellos to come are bounded for all
+		 * connections together: they must not starve kvd of descriptors */
+		why = "kvd holds too many segments handed back for hellos not yet said; "
+		      "try again";
 	if (!why && cn->nadopt + (uint32_t)nfds > cn->capadopt) {
 		uint32_t cap = cn->capadopt ? cn->capadopt * 2 : 64;
 		struct kv_adopt *a = realloc(cn->adopt, cap * sizeof(*a));
@@ -399,6 +418,7 @@ static int on_adopt(struct conn *cn, const struct kv_msg *m, const int *fds, int
 	for (int i = 0; i < nfds; i++)
 		cn->adopt[cn->nadopt++] = (struct kv_adopt){ m->u.hold.kind[i], m->u.hold.id[i],
 							     fds[i] };
+	x->adopt_fds += (uint32_t)nfds;
 	return 0;
 }
 
@@ -511,7 +531,7 @@ static int on_hello(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 		code = KV_ERR_DAEMON;
 		goto out_refuse;
 	}
-	adopt_drop(cn);
+	adopt_drop(x, cn);
 	if (created) {
 		j->next = d->jobs;
 		d->jobs = j;
@@ -757,7 +777,7 @@ static void handle(struct ctl *x, struct conn *cn, size_t len, const int *fds, i
 
 	/* ADOPT carries its segments; SAVE and LOAD an fd (one); the rest none */
 	if (!rc && m.type == KV_MSG_ADOPT && !cn->said_hello) {
-		rc = on_adopt(cn, &m, fds, nfds);
+		rc = on_adopt(x, cn, &m, fds, nfds);
 		goto out;
 	}
 	for (int i = 1; i < nfds; i++)
@@ -964,7 +984,7 @@ static void conn_close(struct ctl *x, struct conn *cn)
 		engine_post(d, EV_LEAVE, c, last ? j : NULL);
 		status_changed(x);
 	}
-	adopt_drop(cn);
+	adopt_drop(x, cn);
 	if (cn->prev)
 		cn->prev->next = cn->next;
 	else
@@ -1290,6 +1310,7 @@ int ctl_run(struct kvd *d)
 	x->d = d;
 	pthread_mutex_init(&x->ckpt_lock, NULL);
 	x->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	x->adopt_max = adopt_budget();
 	/* non-blocking: refuse_no_fds() accepts until the backlog is empty */
 	fcntl(d->cfg.listen_fd, F_SETFL, fcntl(d->cfg.listen_fd, F_GETFL) | O_NONBLOCK);
 	d->ctl = x;

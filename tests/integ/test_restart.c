@@ -21,6 +21,7 @@
  */
 #include <criterion/criterion.h>
 #include <dirent.h>
+#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -29,6 +30,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -391,8 +393,9 @@ static void expect_refusal(int fd, int code, const char *words, const char *what
 	cr_assert(memmem(m.u.error.text, m.u.error.len, words, strlen(words)),
 		  "%s: the sentence says '%s': %.*s", what, words, (int)m.u.error.len,
 		  m.u.error.text);
-	cr_assert_eq(seg_recv(fd, buf, sizeof(buf), fds, SEG_MAX_FDS, &nfds), 0,
-		     "%s: kvd hangs up", what);
+	/* kvd hangs up (a reset when it left some of our messages unread) */
+	n = seg_recv(fd, buf, sizeof(buf), fds, SEG_MAX_FDS, &nfds);
+	cr_assert(n == 0 || n == -ECONNRESET, "%s: kvd hangs up (%zd)", what, n);
 	close(fd);
 }
 
@@ -874,4 +877,71 @@ Test(restart, gives_up_when_kvd_does_not_come_back, .timeout = 60)
 	cr_assert_eq(a.rc, 0, "%s", a.why);
 	kvd_stop(&k);
 	munmap((void *)flag, 4096);
+}
+
+static bool log_has(const struct kvd_proc *k, const char *words)
+{
+	char line[1024];
+	FILE *f = fopen(k->log, "r");
+	bool found = false;
+
+	while (f && !found && fgets(line, sizeof(line), f))
+		found = strstr(line, words) != NULL;
+	if (f)
+		fclose(f);
+	return found;
+}
+
+/* Segments handed back ahead of a hello are held by kvd: all connections
+ * together may hold a quarter of its descriptors, so a client that sends
+ * ADOPT after ADOPT and never says hello cannot starve kvd of them. */
+Test(restart, segments_ahead_of_a_hello_are_bounded, .timeout = 60)
+{
+	struct rlimit old, low = { 512, 512 };
+	struct kvd_proc k;
+	struct kv_msg m = { .type = KV_MSG_ADOPT };
+	void *p;
+	int seg = sealed(4096, &p), fds[4] = { seg, seg, seg, seg }, rfds[SEG_MAX_FDS], a, b, nr;
+	uint8_t buf[KV_MSG_MAX];
+	char why[256];
+	ssize_t n;
+
+	cr_assert_eq(getrlimit(RLIMIT_NOFILE, &old), 0);
+	low.rlim_max = old.rlim_max;
+	cr_assert_eq(setrlimit(RLIMIT_NOFILE, &low), 0);
+	cr_assert_eq(kvd_start(&k, NULL), 0); /* 512 descriptors: 128 for ADOPT */
+	cr_assert_eq(setrlimit(RLIMIT_NOFILE, &old), 0);
+	m.u.hold.n = 4;
+	for (int i = 0; i < 4; i++) {
+		m.u.hold.kind[i] = KV_HOLD_VALUES;
+		m.u.hold.id[i] = (uint32_t)i;
+	}
+	/* 32 messages fit; the 33rd would make 132: kvd says why and hangs up
+	 * (the sentence may be lost to the reset of our unread messages: the
+	 * log has it) */
+	a = raw_connect(k.sock);
+	for (int i = 0; i < 40; i++)
+		raw_send(a, &m, fds, 4);
+	while ((n = seg_recv(a, buf, sizeof(buf), rfds, SEG_MAX_FDS, &nr)) > 0)
+		for (int i = 0; i < nr; i++)
+			close(rfds[i]);
+	close(a);
+	cr_assert(log_has(&k, "too many segments handed back"), "kvd refused the 33rd");
+	/* what a held was given back: another connection may hand back as much,
+	 * and kvd reads its hello (refused: no board among them) */
+	b = raw_connect(k.sock);
+	for (int i = 0; i < 32; i++)
+		raw_send(b, &m, fds, 4);
+	memset(&m, 0, sizeof(m));
+	m.type = KV_MSG_HELLO;
+	m.u.hello.num_workers = 2;
+	m.u.hello.device = -1;
+	m.u.hello.flags = KV_HELLO_RESUME;
+	strcpy(m.u.hello.job, "forged");
+	raw_send(b, &m, NULL, 0);
+	expect_refusal(b, KV_ERR_DAEMON, "no rank held the job's board", "within the bound");
+	cr_assert_eq(run_ranks(&k, "healthy", 2, healthy_rank, NULL, 30, why, sizeof(why)), 0,
+		     "%s", why);
+	kvd_stop(&k);
+	close(seg);
 }
