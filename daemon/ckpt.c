@@ -395,6 +395,7 @@ int ckpt_restore(struct job *j, const uint8_t *buf, size_t len, char *why, size_
 					       a + (size_t)s * part_n(k, p) * sizeof(float),
 					       part_n(k, p) * sizeof(float));
 				pt->has_states = true;
+				pt->states_in = sb;
 				pt->opt_fresh = opt->fresh;
 			}
 			if (pass == 1) {

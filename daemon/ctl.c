@@ -590,8 +590,12 @@ static int on_key_open(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 
 	if (rc)
 		return reply_error(cn, m->seq, rc, why) == -EAGAIN ? -1 : 0;
-	if (created)
+	if (created) {
+		/* the ranks hold the key's memory before the manifest names it: a
+		 * kvd killed in between leaves a record no rank lacks memory for */
 		hold_sync(c->job);
+		job_man_publish(c->job, k);
+	}
 	r.u.key.key_id = k->id;
 	r.u.key.nparts = k->nparts;
 	r.u.key.count = k->count;

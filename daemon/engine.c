@@ -556,10 +556,11 @@ static int part_opt_state(struct key *k, uint32_t part, const struct opt_cfg *op
 	uint32_t na = opt_arrays(k, opt);
 	size_t n = part_elems(k, part);
 
-	if (p->has_states && p->opt_fresh == opt->fresh)
-		return 0;
 	if (na && (!sb || sb->narrays != na))
 		return -ENOMEM;
+	/* states for this optimizer, in this block (a new shape got a new one) */
+	if (p->has_states && p->opt_fresh == opt->fresh && p->states_in == sb)
+		return 0;
 	for (uint32_t i = 0; i < na; i++) {
 		float *a = part_state(k, sb, part, p->ver, i);
 		if (i == 0 && sb->master)
@@ -568,6 +569,7 @@ static int part_opt_state(struct key *k, uint32_t part, const struct opt_cfg *op
 			memset(a, 0, n * sizeof(float));
 	}
 	p->has_states = true;
+	p->states_in = sb;
 	p->opt_fresh = opt->fresh;
 	p->opt_t = 0;
 	return 0;

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "kvd.h"
@@ -169,8 +170,17 @@ static int job_grow(void *ctx, size_t min, struct arena_seg *s)
 	struct grow_ctx *g = ctx;
 	struct job *j = g->j;
 	uint64_t size = min < VALUE_SEG_MIN ? VALUE_SEG_MIN : (min + 4095) & ~(uint64_t)4095;
+	uint64_t have = 0;
 	void *base;
 	int fd, err;
+
+	/* segments grow with the job (a quarter of what it has), so a large
+	 * model takes tens of them, not thousands: every rank holds each one's
+	 * descriptor */
+	for (uint32_t i = 0; i < *g->n; i++)
+		have += (*g->segs)[i].size;
+	if (have / 4 > size)
+		size = (have / 4 + 4095) & ~(uint64_t)4095;
 
 	if (*g->n == *g->cap) {
 		uint32_t cap = *g->cap ? *g->cap * 2 : 8;
@@ -331,7 +341,7 @@ static int man_room(struct kvd *d, struct job *j, uint32_t id, char *why, size_t
 	return man_chunk(d, j, c, why, whylen);
 }
 
-/* The record of a key just made, published by the manifest's nkeys. */
+/* The record of a key just made (job_man_publish publishes it). */
 static void man_key(struct job *j, struct key *k)
 {
 	struct kv_mkey *r = man_rec(j, k->id);
@@ -351,6 +361,10 @@ static void man_key(struct job *j, struct key *k)
 		r->flags = KV_MKEY_VALUE;
 		man_value(j, k, r);
 	}
+}
+
+void job_man_publish(struct job *j, const struct key *k)
+{
 	__atomic_store_n(&job_man(j)->nkeys, k->id + 1, __ATOMIC_RELEASE);
 }
 
@@ -839,6 +853,7 @@ static int adopt_map(const struct kv_adopt *h, uint64_t want, struct seginfo *s,
 		     size_t whylen, const char *what)
 {
 	ssize_t size = h ? seg_size(h->fd) : -EBADF;
+	struct stat st;
 	int fd, err;
 
 	if (!h) {
@@ -847,6 +862,13 @@ static int adopt_map(const struct kv_adopt *h, uint64_t want, struct seginfo *s,
 	}
 	if (size < 0 || (want && (uint64_t)size != want) || size == 0) {
 		snprintf(why, whylen, "the %s a rank held has the wrong size", what);
+		return -1;
+	}
+	/* kvd allocates its segments whole (fallocate): a sparse one is not kvd's,
+	 * and would let a record claim memory nobody has */
+	if (fstat(h->fd, &st) || (uint64_t)st.st_blocks * 512 < (uint64_t)size) {
+		snprintf(why, whylen, "the %s a rank held is not one kvd made (not allocated)",
+			 what);
 		return -1;
 	}
 	fd = fcntl(h->fd, F_DUPFD_CLOEXEC, 0);
@@ -929,26 +951,28 @@ static void adopt_parts(struct key *k)
 	k->has_value = valued == k->nparts;
 }
 
-/* An engine key's optimizer state block, if its record names one. */
-static int adopt_states(struct job *j, struct key *k, const struct kv_mkey *r)
+/*
+ * An engine key's optimizer state block, if its record names one.  States
+ * without a block that checks out (none recorded, a kvd killed before the
+ * ranks got its segment, or garbage) start afresh at the next update.
+ */
+static void adopt_states(struct job *j, struct key *k, const struct kv_mkey *r)
 {
 	uint32_t na = r->sarrays & 0xff;
 	bool master = r->sarrays & KV_MKEY_MASTER;
-	void *blk;
+	void *blk = NULL;
 
-	if (!r->sarrays)
-		return 0;
-	if (!na || na > 3 || (r->sarrays & ~(0xffu | KV_MKEY_MASTER)) || !opt_dtype(k->dtype) ||
-	    master != (k->dtype != KV_FLOAT32) ||
+	if (r->sarrays && na && na <= 3 && !(r->sarrays & ~(0xffu | KV_MKEY_MASTER)) &&
+	    opt_dtype(k->dtype) && master == (k->dtype != KV_FLOAT32) &&
 	    arena_reserve(&j->values, r->sseg, r->soff,
-			  2 * (size_t)na * k->count * sizeof(float), &blk) ||
-	    !(k->sblk = sblock_at(k, blk, na)))
-		return -1;
-	/* states the job's optimizer cannot use start afresh at the next update */
-	if (!j->opt || opt_arrays(k, j->opt) != na)
-		for (uint32_t p = 0; p < k->nparts; p++)
+			  2 * (size_t)na * k->count * sizeof(float), &blk) == 0)
+		k->sblk = sblock_at(k, blk, na);
+	for (uint32_t p = 0; p < k->nparts; p++) {
+		/* states the job's optimizer cannot use start afresh */
+		if (!j->opt || opt_arrays(k, j->opt) != (k->sblk ? na : 0))
 			k->parts[p].has_states = false;
-	return 0;
+		k->parts[p].states_in = k->sblk;
+	}
 }
 
 /* Key id from its manifest record, checked against everything else known. */
@@ -958,8 +982,9 @@ static int adopt_key(struct kvd *d, struct job *j, uint32_t id, char *why, size_
 	uint32_t nw = (uint32_t)j->num_workers, pmax = PART_MAX > d->cfg.part_bytes
 							      ? PART_MAX : d->cfg.part_bytes;
 	uint64_t bytes;
+	size_t esize;
 	struct key *k;
-	void *blk;
+	void *dblk = NULL, *vblk = NULL;
 
 	if (r.name_len < 1 || r.name_len > KV_KEY_MAX || memchr(r.name, '\0', r.name_len) ||
 	    r.dtype > KV_INT64 || !r.count || r.count > ((uint64_t)1 << 40) || !r.part_elems ||
@@ -975,32 +1000,47 @@ static int adopt_key(struct kvd *d, struct job *j, uint32_t id, char *why, size_
 			 r.name);
 		return -1;
 	}
-	bytes = r.count * kv_dtype_size((kv_dtype)r.dtype);
+	/* parts are at least 4 KiB (kvd's smallest --part-size) unless the key
+	 * has one: a record cannot make kvd keep millions of them */
+	esize = kv_dtype_size((kv_dtype)r.dtype);
+	if (r.nparts > 1 && ((uint64_t)r.part_elems * esize < 4096 ||
+			     (uint64_t)r.part_elems * esize % 64)) {
+		snprintf(why, whylen, "the manifest's record of key %u is corrupt", id);
+		return -1;
+	}
+	bytes = r.count * esize;
+	/* the blocks first: a record must point at memory the job really has */
+	if (((r.flags & KV_MKEY_DIRECT) &&
+	     arena_reserve(&j->direct, r.dseg, r.doff, kv_dkey_size(nw, bytes), &dblk)) ||
+	    ((r.flags & KV_MKEY_VALUE) &&
+	     arena_reserve(&j->values, r.vseg, r.voff, kv_vblock_size(r.nparts, bytes), &vblk))) {
+		snprintf(why, whylen,
+			 "key '%.*s' lies outside the job's segments or on another key",
+			 (int)r.name_len, r.name);
+		return -1;
+	}
 	k = key_alloc(j, r.name, r.name_len, r.count, (kv_dtype)r.dtype,
-		      r.part_elems * (uint32_t)kv_dtype_size((kv_dtype)r.dtype));
+		      r.part_elems * (uint32_t)esize);
 	if (!k) {
 		snprintf(why, whylen, "out of memory");
 		return -1;
 	}
 	k->id = id;
 	if (r.flags & KV_MKEY_DIRECT) {
-		if (arena_reserve(&j->direct, r.dseg, r.doff, kv_dkey_size(nw, bytes), &blk))
-			goto out_bad;
-		k->dkey = blk;
+		k->dkey = dblk;
 		k->dseg = r.dseg;
 		k->doff = r.doff;
 	}
 	if (r.flags & KV_MKEY_VALUE) {
-		if (arena_reserve(&j->values, r.vseg, r.voff, kv_vblock_size(k->nparts, bytes),
-				  &blk))
-			goto out_bad;
+		void *blk = vblk;
 		k->vparts = blk;
 		k->vcopy[0] = (uint8_t *)blk + kv_vblock_copy_off(k->nparts, bytes, 0);
 		k->vcopy[1] = (uint8_t *)blk + kv_vblock_copy_off(k->nparts, bytes, 1);
 		k->moved = k->dkey != NULL;
+		if (k->moved) /* a kvd killed while it moved the key finishes that */
+			__atomic_store_n(&k->dkey->moved, 1, __ATOMIC_SEQ_CST);
 		adopt_parts(k);
-		if (adopt_states(j, k, &r))
-			goto out_bad;
+		adopt_states(j, k, &r);
 	}
 	if ((!j->dir[id / KEY_BLOCK] &&
 	     !(j->dir[id / KEY_BLOCK] = calloc(KEY_BLOCK, sizeof(struct key *)))) ||
@@ -1012,12 +1052,6 @@ static int adopt_key(struct kvd *d, struct job *j, uint32_t id, char *why, size_
 	j->dir[id / KEY_BLOCK][id % KEY_BLOCK] = k;
 	j->nkeys = id + 1;
 	return 0;
-
-out_bad:
-	key_free(k, j->num_workers);
-	snprintf(why, whylen, "key '%.*s' lies outside the job's segments or on another key",
-		 (int)r.name_len, r.name);
-	return -1;
 }
 
 /* The optimizer the manifest names. */

@@ -112,6 +112,7 @@ struct part {
 	/* [eng] optimizer state, made at the part's first update, in the key's
 	 * state block (struct sblock) */
 	bool has_states;
+	const struct sblock *states_in; /* the block they are in */
 	uint64_t opt_t;  /* updates applied (Adam's step count) */
 	uint32_t opt_fresh; /* the states' generation (0: none) */
 	struct contrib **head;    /* [eng; relaxed atomic stores] per rank FIFO of contributions */
@@ -332,6 +333,9 @@ static inline struct kv_man_hdr *job_man(struct job *j)
 {
 	return (struct kv_man_hdr *)j->man[0].base;
 }
+/* A key made by job_key_open enters the manifest (once its ranks hold its
+ * segments: control thread, after the HOLD messages). */
+void job_man_publish(struct job *j, const struct key *k);
 /* The job's optimizer is now opt: record it in the manifest. */
 void job_man_opt(struct job *j, const struct opt_cfg *opt);
 

@@ -41,14 +41,6 @@
 #define DIRECT_SPIN_NS 40000 /* spin this long for a round before sleeping */
 #define LOCK_YIELD 256       /* spins on a held key lock before yielding the CPU */
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 int direct_map(struct local *l, struct lkey *k, uint32_t dseg, uint64_t doff, uint64_t dsize,
 	       int fd, char *err)
 {
@@ -306,7 +298,6 @@ static bool rank_present(struct local *l, uint32_t r)
 }
 
 #define ROUND_RUNNING 1 /* round_fate: every rank arrived and the summer is alive */
-#define DAEMON_LOOK_NS 20000000ull /* direct_op looks at kvd's socket every 20 ms */
 
 static const char *kind_name(uint32_t kind)
 {
@@ -414,7 +405,12 @@ static int wait_round(struct local *l, struct lkey *k, uint32_t target, uint32_t
 		if (st != KV_BOARD_OK ||
 		    __atomic_load_n(&l->board->epoch, __ATOMIC_SEQ_CST) != epoch) {
 			int code = board_ok(l, 0, err);
-			if (!code)
+			if (!code && l->restarts != k->arrived_in)
+				/* the job changed because kvd restarted (this store
+				 * came back meanwhile, for another op), not a rank */
+				code = fail(err, KV_ERR_DAEMON,
+					    "kvd restarted while this op waited; call it again");
+			else if (!code)
 				code = fail(err, KV_ERR_PEER,
 					    "a rank of job '%s' left or died while this op needed it",
 					    l->o.job);
@@ -594,15 +590,6 @@ int direct_op(struct local *l, uint8_t opc, struct lkey *k, struct lop *op,
 	}
 	op->key = k;
 	op->esize = kv_dtype_size(k->dtype);
-	/* a direct op may never wait (one rank, or the others always first):
-	 * look at kvd's socket now and then, so a dead kvd is noticed anyway */
-	uint64_t t_now = now_ns();
-	if (t_now - l->daemon_seen_ns > DAEMON_LOOK_NS) {
-		l->daemon_seen_ns = t_now;
-		check_daemon(l);
-		if (l->dead)
-			return fail(err, l->dead_code, "%s", l->dead_why);
-	}
 	if (opc == KV_OP_INIT)
 		return init_op(l, k, srcs ? srcs[0] : NULL, deadline, err);
 	if (opc == KV_OP_PULL) {
@@ -706,6 +693,7 @@ int direct_op(struct local *l, uint8_t opc, struct lkey *k, struct lop *op,
 	op->target = done + 1;
 	op->arrived = true;
 	k->target = op->target;
+	k->arrived_in = l->restarts;
 	k->last = op;
 	if (last)
 		summer(l, k, done, kind);

@@ -54,6 +54,14 @@ int fail(char *err, int code, const char *fmt, ...)
 	return code;
 }
 
+uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 int64_t now_ms(void)
 {
 	struct timespec ts;
@@ -131,6 +139,14 @@ static int recv_one(struct local *l, uint8_t *buf, struct kv_msg *m, int *fds, i
 	if (rc == 0)
 		return KV_ERR_TIMEOUT;
 	n = seg_recv(l->sock, buf, KV_MSG_MAX, fds, SEG_MAX_FDS, nfds);
+	if (n == -EMSGSIZE) {
+		/* the descriptors that came along were cut off: this process has
+		 * run out of them; kvd is fine, and coming back would not help */
+		mark_dead(l, KV_ERR_NOMEM,
+			  "a message from kvd lost its descriptors: this process is out of "
+			  "file descriptors (raise RLIMIT_NOFILE, ulimit -n)");
+		return KV_ERR_NOMEM;
+	}
 	if (n <= 0) {
 		mark_dead(l, KV_ERR_DAEMON, n == 0 ? "kvd closed the connection"
 						   : "lost the connection to kvd");
@@ -562,14 +578,18 @@ static void op_finish(struct local *l, struct lop *op)
 	op->done = true;
 	if (op->dev_out && gpu_stream_sync(l->stream) && !op->status)
 		op->status = KV_ERR_IO; /* the copies to the GPU failed */
-	/* a round op that succeeded as a whole moves its parts on; one that
-	 * failed does not, even for parts that completed, so the same call
-	 * repeated names the same rounds (and kvd recognises those done) */
-	if (op->round && !op->status)
-		for (uint32_t p = 0; p < op->nparts; p++)
-			if (op->prounds[p] > op->rkey->pdone[p] ||
-			    op->rkey->pdone[p] == ROUND_UNKNOWN)
-				op->rkey->pdone[p] = op->prounds[p];
+	/* a round op leaves its parts' flight here, and moves on the parts
+	 * that completed, all at once (so a later op's tags stay right); but
+	 * when kvd went away, not even those: the same call repeated then
+	 * names the same rounds, and kvd recognises the ones done */
+	for (uint32_t p = 0; op->round && p < op->nparts; p++) {
+		struct lkey *k = op->rkey;
+		if (k->pflight[p])
+			k->pflight[p]--;
+		if (op->prounds[p] && op->status != KV_ERR_DAEMON &&
+		    (k->pdone[p] == ROUND_UNKNOWN || op->prounds[p] > k->pdone[p]))
+			k->pdone[p] = op->prounds[p];
+	}
 	if (op->stage) {
 		arena_free(&l->arena, op->stage);
 		op->stage = NULL;
@@ -609,9 +629,8 @@ static int reap(struct local *l)
 			continue; /* not ours: ignore it */
 		op->completed++;
 		if (op->rkey && op->round) {
-			if (op->rkey->pflight[q.part])
-				op->rkey->pflight[q.part]--;
-			op->prounds[q.part] = q.round;
+			if (!q.status)
+				op->prounds[q.part] = q.round;
 		} else if (op->rkey && !q.status) {
 			/* an init or pull says how many rounds the part completed */
 			struct lkey *k = op->rkey;
@@ -670,12 +689,13 @@ static int submit(struct local *l, const struct kv_sqe *s, char *err)
 	return 0;
 }
 
-/* Fail every op in flight: kvd is gone. */
+/* Fail every engine op in flight: kvd is gone.  A direct op that arrived is
+ * left to its wait, which finishes the round or takes the arrival back. */
 static void fail_all(struct local *l)
 {
 	for (uint32_t i = 0; i < l->nops; i++) {
 		struct lop *op = op_at(l, i);
-		if (!op->used || op->done)
+		if (!op->used || op->done || op->key)
 			continue;
 		if (!op->status)
 			op->status = l->dead_code;
@@ -817,6 +837,13 @@ int local_op(struct local *l, uint8_t opc, const char *key, const void *const *s
 	pthread_mutex_lock(&l->lock);
 	l->errbuf = err;
 	err[0] = '\0';
+	/* a kvd that went away since the last look: get it back before the op
+	 * goes into a ring nobody reads (a direct op may never wait, so this is
+	 * also how a one-rank job notices) */
+	if (!l->dead && now_ns() - l->daemon_seen_ns > DAEMON_LOOK_NS) {
+		l->daemon_seen_ns = now_ns();
+		check_daemon(l);
+	}
 	rc = local_alive(l, err);
 	if (rc)
 		goto out_unlock;
@@ -1084,7 +1111,9 @@ static int connect_kvd(const char *path, char *err)
 	return fd;
 }
 
-/* Close this store's side of a connection to kvd: socket, ring, doorbell. */
+/* Close this store's side of a connection to kvd: socket, ring, doorbell.
+ * The ring stays mapped until the store is destroyed: another thread may
+ * still be waiting on it, unlocked. */
 static void disconnect(struct local *l)
 {
 	if (l->sock >= 0)
@@ -1093,8 +1122,15 @@ static void disconnect(struct local *l)
 	if (l->doorbell >= 0)
 		close(l->doorbell);
 	l->doorbell = -1;
-	if (l->ring)
-		seg_unmap(l->ring, l->ring_size);
+	if (l->ring) {
+		struct lseg *o = realloc(l->old_rings, (l->nold_rings + 1) * sizeof(*o));
+		if (o) {
+			l->old_rings = o;
+			o[l->nold_rings++] = (struct lseg){ -1, l->ring, l->ring_size };
+		} else {
+			seg_unmap(l->ring, l->ring_size); /* nobody waits on a dead ring long */
+		}
+	}
 	l->ring = NULL;
 }
 
@@ -1287,10 +1323,8 @@ static int reconnect(struct local *l, char *err)
 	int rc;
 
 	drain(l);
+	fail_all(l); /* what went into the old ring is lost with it */
 	disconnect(l);
-	for (uint32_t i = 0; i < l->capkeys; i++)
-		if (l->keys[i] && l->keys[i]->pflight)
-			memset(l->keys[i]->pflight, 0, l->keys[i]->nparts * sizeof(uint32_t));
 	for (;;) {
 		err[0] = '\0';
 		l->sock = connect_kvd(l->o.socket, err);
@@ -1299,8 +1333,10 @@ static int reconnect(struct local *l, char *err)
 			rc = adopt(l, err);
 			if (!rc)
 				rc = hello(l, KV_HELLO_RESUME, err);
-			if (!rc)
+			if (!rc) {
+				l->restarts++;
 				return KV_OK;
+			}
 			disconnect(l);
 		} else {
 			rc = l->sock;
@@ -1352,6 +1388,9 @@ void local_destroy(struct local *l)
 		close(l->doorbell);
 	if (l->ring)
 		seg_unmap(l->ring, l->ring_size);
+	for (uint32_t i = 0; i < l->nold_rings; i++)
+		seg_unmap(l->old_rings[i].base, l->old_rings[i].size);
+	free(l->old_rings);
 	if (l->board)
 		seg_unmap(l->board, KV_BOARD_SIZE);
 	direct_unmap(l);

@@ -38,6 +38,7 @@ struct lkey {
 	uint8_t *results;  /* result i at results + i * stride */
 	uint64_t stride;
 	uint32_t target;   /* the round this rank arrived at last */
+	uint32_t arrived_in; /* l->restarts when it arrived */
 	struct lop *last;  /* that op, until it is finished */
 	/* engine keys: per part, the rounds it completed as the last completion
 	 * said (ROUND_UNKNOWN before any) and this rank's round ops in flight; a
@@ -110,16 +111,20 @@ struct local {
 	uint64_t daemon_seen_ns; /* direct ops: when the socket was last looked at */
 	struct lheld *held;
 	uint32_t nheld, capheld;
+	struct lseg *old_rings; /* rings of kvds gone, mapped until the store ends */
+	uint32_t nold_rings;
 	bool dead;
 	bool lost;       /* dead because kvd went away: it may come back (restart) */
 	int64_t lost_ms; /* when */
 	bool reconnecting;
+	uint32_t restarts; /* kvds that took this store back */
 	int dead_code;
 	char dead_why[256];
 	char *errbuf; /* where the op in progress reports (the store's buffer) */
 };
 
 #define NO_OP UINT32_MAX
+#define DAEMON_LOOK_NS 20000000ull /* an op looks at kvd's socket at most every 20 ms */
 #define ROUND_UNKNOWN UINT64_MAX
 
 /* Copy n bytes; dev: dst or src is device memory (then on the store's stream, waited). */
@@ -131,6 +136,7 @@ int fail(char *err, int code, const char *fmt, ...) __attribute__((format(printf
  * to take the job back first, for up to timeout_ms). */
 int local_alive(struct local *l, char *err);
 int64_t now_ms(void);
+uint64_t now_ns(void);
 void check_daemon(struct local *l);
 void mark_dead(struct local *l, int code, const char *why);
 uint64_t op_ud(struct local *l, struct lop *op);

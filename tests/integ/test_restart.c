@@ -21,7 +21,9 @@
  */
 #include <criterion/criterion.h>
 #include <dirent.h>
+#include <math.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -504,9 +506,15 @@ Test(restart, forged_segments_are_refused, .timeout = 60)
 	unforge(&f);
 
 	forge(&f, 0, &rec);
-	f.unsealed = memfd_create("test-unsealed", MFD_CLOEXEC);
-	cr_assert_eq(ftruncate(f.unsealed, (off_t)kv_man_size(0)), 0);
+	f.unsealed = memfd_create("test-unsealed", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	cr_assert_eq(fallocate(f.unsealed, 0, 0, (off_t)kv_man_size(0)), 0);
 	resume_with(&k, &f, KV_ERR_DAEMON, "cannot map the manifest", "an unsealed manifest");
+	close(f.unsealed);
+	/* sealed, but sparse: claims memory nobody has */
+	f.unsealed = memfd_create("test-sparse", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	cr_assert_eq(ftruncate(f.unsealed, (off_t)kv_man_size(0)), 0);
+	cr_assert_eq(fcntl(f.unsealed, F_ADD_SEALS, SEG_SEALS_REQUIRED), 0);
+	resume_with(&k, &f, KV_ERR_DAEMON, "not one kvd made", "a sparse manifest");
 	close(f.unsealed);
 	f.unsealed = -1;
 	unforge(&f);
@@ -519,6 +527,17 @@ Test(restart, forged_segments_are_refused, .timeout = 60)
 	rec[0].count = 100;
 	rec[0].dtype = 99;
 	resume_with(&k, &f, KV_ERR_DAEMON, "record of key 0 is corrupt", "an unknown dtype");
+	unforge(&f);
+
+	forge(&f, 1, &rec);
+	rec[0].count = 1u << 20; /* a part an element: a million parts */
+	rec[0].dtype = KV_FLOAT32;
+	rec[0].nparts = 1u << 20;
+	rec[0].part_elems = 1;
+	rec[0].flags = KV_MKEY_VALUE;
+	rec[0].name_len = 1;
+	rec[0].name[0] = 'm';
+	resume_with(&k, &f, KV_ERR_DAEMON, "record of key 0 is corrupt", "parts of 4 bytes");
 	unforge(&f);
 
 	forge(&f, 2, &rec);
@@ -944,4 +963,106 @@ Test(restart, segments_ahead_of_a_hello_are_bounded, .timeout = 60)
 		     "%s", why);
 	kvd_stop(&k);
 	close(seg);
+}
+
+/*
+ * The round tags must never mistake a new contribution for one already
+ * counted: several async pushpulls in flight on one key of many parts, the
+ * ranks arriving at different times, each op's result that of its own step.
+ */
+#define P_COUNT (4u << 20) /* 4M i64: 32 MiB, 8 parts */
+#define P_DEPTH 3
+
+static int pipelined_rank(int rank, int n, const struct kvd_proc *kp, void *arg)
+{
+	kv_store *kv = open_rank(20000);
+	int64_t *in[P_DEPTH], *out[P_DEPTH];
+	kv_ticket t[P_DEPTH];
+
+	(void)kp;
+	(void)arg;
+	CHECK(kv, "open");
+	for (int d = 0; d < P_DEPTH; d++) {
+		in[d] = malloc(P_COUNT * sizeof(int64_t));
+		out[d] = malloc(P_COUNT * sizeof(int64_t));
+		CHECK(in[d] && out[d], "out of memory");
+	}
+	memset(in[0], 0, P_COUNT * sizeof(int64_t));
+	CHECK_RC(kv_init(kv, "p", in[0], P_COUNT, KV_INT64), KV_OK);
+	for (int s = 0; s < 4; s++) {
+		for (int d = 0; d < P_DEPTH; d++) {
+			for (size_t i = 0; i < P_COUNT; i++)
+				in[d][i] = (int64_t)(i % 1000) + rank * 1000000 + (s * P_DEPTH + d);
+			if (rank == 0)
+				usleep(3000); /* rank 0 comes last, op after op */
+			CHECK_RC(kv_pushpull_async(kv, "p", in[d], out[d], P_COUNT, KV_INT64, 0,
+						   &t[d]),
+				 KV_OK);
+		}
+		for (int d = 0; d < P_DEPTH; d++) {
+			CHECK_RC(kv_wait(kv, t[d]), KV_OK);
+			for (size_t i = 0; i < P_COUNT; i += 4099) {
+				int64_t want = 0;
+				for (int r = 0; r < n; r++)
+					want += (int64_t)(i % 1000) + r * 1000000 + (s * P_DEPTH + d);
+				CHECK(out[d][i] == want, "step %d op %d element %zu: %lld, want %lld",
+				      s, d, i, (long long)out[d][i], (long long)want);
+			}
+		}
+	}
+	kv_close(kv);
+	return 0;
+}
+
+Test(restart, pipelined_async_rounds_on_a_multipart_key, .timeout = 120)
+{
+	static const char *const args[] = { "--direct-max", "0", "--threads", "1", NULL };
+	struct kvd_proc k;
+	char why[256];
+
+	cr_assert_eq(kvd_start(&k, args), 0);
+	cr_assert_eq(run_ranks(&k, "pipelined", 2, pipelined_rank, NULL, 100, why, sizeof(why)),
+		     0, "%s", why);
+	kvd_stop(&k);
+}
+
+/* An optimizer of the same name that keeps more arrays (SGD, then SGD with
+ * momentum) gets a new state block: an f16 key's states start afresh from
+ * its value there, never from the new block's empty bytes. */
+static int reshape_rank(int rank, int n, const struct kvd_proc *kp, void *arg)
+{
+	kv_store *kv = open_rank(10000);
+	uint16_t w[1000], g[1000];
+
+	(void)rank;
+	(void)n;
+	(void)kp;
+	(void)arg;
+	CHECK(kv, "open");
+	for (int i = 0; i < 1000; i++) {
+		w[i] = float_to_half(1.0f);
+		g[i] = float_to_half(1.0f);
+	}
+	CHECK_RC(kv_init(kv, "h", w, 1000, KV_FLOAT16), KV_OK);
+	CHECK_RC(kv_set_optimizer(kv, "sgd lr=0.1"), KV_OK);
+	CHECK_RC(kv_pushpull(kv, "h", g, w, 1000, KV_FLOAT16, 0), KV_OK);
+	CHECK(fabsf(half_to_float(w[0]) - 0.9f) < 2e-3f, "after sgd: %g", half_to_float(w[0]));
+	CHECK_RC(kv_set_optimizer(kv, "sgd lr=0.1 momentum=0.9"), KV_OK);
+	CHECK_RC(kv_pushpull(kv, "h", g, w, 1000, KV_FLOAT16, 0), KV_OK);
+	for (int i = 0; i < 1000; i++)
+		CHECK(fabsf(half_to_float(w[i]) - 0.8f) < 2e-3f, "element %d after momentum: %g",
+		      i, half_to_float(w[i]));
+	kv_close(kv);
+	return 0;
+}
+
+Test(restart, optimizer_reshaped_keeps_the_weights, .timeout = 60)
+{
+	struct kvd_proc k;
+	char why[256];
+
+	cr_assert_eq(kvd_start(&k, NULL), 0);
+	cr_assert_eq(run_ranks(&k, "reshape", 1, reshape_rank, NULL, 30, why, sizeof(why)), 0,
+		     "%s", why);
+	kvd_stop(&k);
 }
