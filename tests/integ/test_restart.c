@@ -176,6 +176,7 @@ struct job_run {
 	const char *job;
 	int n;
 	void *sh; /* what the ranks share */
+	rank_fn fn; /* NULL: restart_rank */
 	int rc;
 	char why[256];
 };
@@ -184,7 +185,8 @@ static void *run_job(void *arg)
 {
 	struct job_run *jr = arg;
 
-	jr->rc = run_ranks(jr->k, jr->job, jr->n, restart_rank, jr->sh, 120, jr->why,
+	jr->rc = run_ranks(jr->k, jr->job, jr->n, jr->fn ? jr->fn : restart_rank, jr->sh, 120,
+			   jr->why,
 			   sizeof(jr->why));
 	return NULL;
 }
@@ -213,13 +215,13 @@ static int min_step(const struct rshared *sh, int n)
  * that many engine rounds and before it told any rank (at[0] then is the step
  * by which the ranks must have noticed).
  */
-static void restart_run(int n, int steps, const int *at, int nat, int delay_us, int kill_round,
-			bool clean)
+static void restart_run_fn(rank_fn fn, int n, int steps, const int *at, int nat, int delay_us,
+			   int kill_round, bool clean)
 {
 	struct rshared *sh = mmap(NULL, sizeof(*sh), PROT_READ | PROT_WRITE,
 				  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	struct kvd_proc k;
-	struct job_run jr = { .k = &k, .job = "restart", .n = n };
+	struct job_run jr = { .k = &k, .job = "restart", .n = n, .fn = fn };
 	pthread_t th;
 	int errs = 0, restarts = 0;
 	double back[64] = { 0 }, back_max = 0;
@@ -277,6 +279,97 @@ static void restart_run(int n, int steps, const int *at, int nat, int delay_us, 
 		    "job a step further at most %.1f ms after kvd listened again",
 		    n, restarts, errs, back_max * 1e3);
 	munmap(sh, sizeof(*sh));
+}
+
+static void restart_run(int n, int steps, const int *at, int nat, int delay_us, int kill_round,
+			bool clean)
+{
+	restart_run_fn(NULL, n, steps, at, nat, delay_us, kill_round, clean);
+}
+
+/*
+ * The same steps with every op async: a step puts one op on each key in
+ * flight, then waits for them in order; a rank repeats the ops that failed
+ * with KV_ERR_DAEMON, in the same order, as async ops again.
+ */
+static int async_rank(int rank, int n, const struct kvd_proc *kp, void *arg)
+{
+	struct rshared *sh = arg;
+	kv_store *kv = open_rank(20000);
+	void *in[R_KEYS], *out[R_KEYS];
+	kv_ticket t[R_KEYS];
+	int rc[R_KEYS];
+
+	(void)kp;
+	CHECK(kv, "open");
+	for (int k = 0; k < R_KEYS; k++) {
+		size_t bytes = rkeys[k].count * kv_dtype_size(rkeys[k].t);
+		in[k] = malloc(bytes);
+		out[k] = rkeys[k].zero_copy ? kv_alloc(kv, bytes) : malloc(bytes);
+		CHECK(in[k] && out[k], "out of memory");
+		fill(k, rank, n, 0, in[k], 1);
+		CHECK_RC(kv_init(kv, rkeys[k].name, in[k], rkeys[k].count, rkeys[k].t), KV_OK);
+	}
+	for (int s = 1; s <= sh->steps; s++) {
+		bool todo[R_KEYS];
+		int left = 0, tries = 0;
+		for (int k = 0; k < R_KEYS; k++) {
+			fill(k, rank, n, s, in[k], 0);
+			todo[k] = !rkeys[k].bcast; /* broadcasts have no async form */
+			left += todo[k];
+		}
+		while (left) {
+			CHECK(++tries < 20, "step %d: ops failing with KV_ERR_DAEMON %d times", s,
+			      tries);
+			for (int k = 0; k < R_KEYS; k++) {
+				if (!todo[k])
+					continue;
+				if (rkeys[k].zero_copy)
+					memcpy(out[k], in[k],
+					       rkeys[k].count * kv_dtype_size(rkeys[k].t));
+				rc[k] = kv_pushpull_async(kv, rkeys[k].name,
+							  rkeys[k].zero_copy ? out[k] : in[k],
+							  out[k], rkeys[k].count, rkeys[k].t, 0,
+							  &t[k]);
+				/* apart, so that a later submit may be the one to find
+				 * kvd gone while earlier ops are still in flight */
+				usleep(8000);
+			}
+			for (int k = 0; k < R_KEYS; k++) {
+				if (!todo[k])
+					continue;
+				if (rc[k] == KV_OK)
+					rc[k] = kv_wait(kv, t[k]);
+				if (rc[k] == KV_ERR_DAEMON) {
+					sh->daemon_errs[rank]++;
+					continue;
+				}
+				CHECK(rc[k] == KV_OK, "step %d key '%s': %d (%s): %s", s,
+				      rkeys[k].name, rc[k], kv_strerror(rc[k]), kv_last_error(kv));
+				if (check(k, n, s, out[k], "the result"))
+					return 1;
+				todo[k] = false;
+				left--;
+			}
+		}
+		sh->step[rank] = s;
+	}
+	kv_close(kv);
+	return 0;
+}
+
+/* Async ops in flight when kvd is killed (and once stopped cleanly). */
+Test(restart, async_ops_survive_kills, .timeout = 120)
+{
+	int at[6];
+	unsigned seed = (unsigned)time(NULL) ^ 0x5a5a;
+
+	srand(seed);
+	cr_log_info("restart: seed %u", seed);
+	for (int i = 0; i < 6; i++)
+		at[i] = 2 + 4 * i + rand() % 3;
+	restart_run_fn(async_rank, 3, 30, at, 6, -2000, 0, false);
+	restart_run_fn(async_rank, 2, 12, at, 2, 0, 0, true);
 }
 
 Test(restart, two_ranks_survive_kill_9_mid_step, .timeout = 120)
