@@ -590,6 +590,7 @@ int direct_op(struct local *l, uint8_t opc, struct lkey *k, struct lop *op,
 	}
 	op->key = k;
 	op->esize = kv_dtype_size(k->dtype);
+	k->used_direct = true;
 	if (opc == KV_OP_INIT)
 		return init_op(l, k, srcs ? srcs[0] : NULL, deadline, err);
 	if (opc == KV_OP_PULL) {

@@ -901,7 +901,9 @@ int local_op(struct local *l, uint8_t opc, const char *key, const void *const *s
 			goto out_unlock;
 		}
 		for (uint32_t p = 0; p < k->nparts; p++)
-			k->pdone[p] = ROUND_UNKNOWN;
+			/* a key kvd took over from this process's direct rounds has
+			 * run none of its own yet (every one needs this rank) */
+			k->pdone[p] = k->used_direct ? 0 : ROUND_UNKNOWN;
 	}
 	op->rkey = k;
 	op->round = opc == KV_OP_PUSH || opc == KV_OP_PUSHPULL || opc == KV_OP_BCAST;

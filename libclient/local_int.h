@@ -37,6 +37,8 @@ struct lkey {
 	uint8_t *slots;    /* slot r at slots + r * stride */
 	uint8_t *results;  /* result i at results + i * stride */
 	uint64_t stride;
+	bool used_direct;  /* this process ran direct ops on it: if kvd takes it over,
+			    * its engine rounds start at 0 (each needs this rank) */
 	uint32_t target;   /* the round this rank arrived at last */
 	uint32_t arrived_in; /* l->restarts when it arrived */
 	struct lop *last;  /* that op, until it is finished */
