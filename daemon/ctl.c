@@ -601,6 +601,8 @@ static int on_key_open(struct ctl *x, struct conn *cn, const struct kv_msg *m)
 	r.u.key.count = k->count;
 	r.u.key.part_elems = k->part_elems;
 	r.u.key.dtype = (uint8_t)k->dtype;
+	if (!k->dkey) /* an engine key from the start: its round count for the tags */
+		r.u.key.rounds = (uint32_t)key_rounds_bound(k);
 	r.u.key.flags = (uint8_t)((created ? KV_KEYF_CREATED : 0) |
 				  (key_has_value(k) ? KV_KEYF_VALUE : 0));
 	if (k->dkey) {

@@ -261,12 +261,12 @@ void part_publish(struct key *k, uint32_t part)
 
 	p->spare_rounds = p->live_rounds;
 	p->live_rounds = p->rounds_done;
-	v->rec[ver & 1] = (struct kv_vrec){
-		.rounds = p->rounds_done,
-		.opt_t = p->opt_t,
-		.has_value = p->has_value,
-		.opt_fresh = p->has_states ? p->opt_fresh : 0,
-	};
+	/* atomic stores: the control thread reads rounds for key replies */
+	__atomic_store_n(&v->rec[ver & 1].rounds, p->rounds_done, __ATOMIC_RELAXED);
+	__atomic_store_n(&v->rec[ver & 1].opt_t, p->opt_t, __ATOMIC_RELAXED);
+	__atomic_store_n(&v->rec[ver & 1].has_value, (uint32_t)p->has_value, __ATOMIC_RELAXED);
+	__atomic_store_n(&v->rec[ver & 1].opt_fresh, p->has_states ? p->opt_fresh : 0,
+			 __ATOMIC_RELAXED);
 	/* the copy and record written before become the part's state */
 	__atomic_store_n(&v->ver, ver, __ATOMIC_RELEASE);
 	p->ver = ver;
@@ -361,6 +361,18 @@ static void man_key(struct job *j, struct key *k)
 		r->flags = KV_MKEY_VALUE;
 		man_value(j, k, r);
 	}
+}
+
+uint64_t key_rounds_bound(const struct key *k)
+{
+	uint64_t m = 0;
+
+	for (uint32_t p = 0; k->vparts && p < k->nparts; p++)
+		for (int c = 0; c < 2; c++) {
+			uint64_t r = __atomic_load_n(&k->vparts[p].rec[c].rounds, __ATOMIC_RELAXED);
+			m = r > m ? r : m;
+		}
+	return m;
 }
 
 void job_man_publish(struct job *j, const struct key *k)

@@ -336,6 +336,9 @@ static inline struct kv_man_hdr *job_man(struct job *j)
 /* A key made by job_key_open enters the manifest (once its ranks hold its
  * segments: control thread, after the HOLD messages). */
 void job_man_publish(struct job *j, const struct key *k);
+/* An upper bound of the rounds any part of engine key k completed (any
+ * thread: read from the part records), for a rank's first round tags. */
+uint64_t key_rounds_bound(const struct key *k);
 /* The job's optimizer is now opt: record it in the manifest. */
 void job_man_opt(struct job *j, const struct opt_cfg *opt);
 

@@ -489,6 +489,8 @@ again:
 	k->part_elems = r.u.key.part_elems;
 	k->count = count;
 	k->dtype = t;
+	k->rounds0 = r.u.key.rounds;
+	k->opened_direct = fd >= 0;
 	if (fd >= 0) {
 		rc = direct_map(l, k, r.u.key.dseg, r.u.key.doff, r.u.key.dsize, fd, err);
 		if (rc) {
@@ -902,8 +904,12 @@ int local_op(struct local *l, uint8_t opc, const char *key, const void *const *s
 		}
 		for (uint32_t p = 0; p < k->nparts; p++)
 			/* a key kvd took over from this process's direct rounds has
-			 * run none of its own yet (every one needs this rank) */
-			k->pdone[p] = k->used_direct ? 0 : ROUND_UNKNOWN;
+			 * run none of its own yet (every one needs this rank); an
+			 * engine key, as many as kvd said when it was opened (at
+			 * most: a bound errs on the safe side); else unknown */
+			k->pdone[p] = k->used_direct	    ? 0
+				      : !k->opened_direct ? k->rounds0
+							  : ROUND_UNKNOWN;
 	}
 	op->rkey = k;
 	op->round = opc == KV_OP_PUSH || opc == KV_OP_PUSHPULL || opc == KV_OP_BCAST;

@@ -37,6 +37,8 @@ struct lkey {
 	uint8_t *slots;    /* slot r at slots + r * stride */
 	uint8_t *results;  /* result i at results + i * stride */
 	uint64_t stride;
+	uint32_t rounds0;  /* engine keys: kvd's bound of the rounds done when opened */
+	bool opened_direct; /* kvd answered with a direct block */
 	bool used_direct;  /* this process ran direct ops on it: if kvd takes it over,
 			    * its engine rounds start at 0 (each needs this rank) */
 	uint32_t target;   /* the round this rank arrived at last */

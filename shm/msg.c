@@ -77,7 +77,7 @@ struct wire_key {
 	uint8_t flags;
 	uint16_t rsvd;
 	uint32_t dseg;
-	uint32_t rsvd2;
+	uint32_t rounds;
 	uint64_t doff;
 	uint64_t dsize;
 };
@@ -376,8 +376,9 @@ int kv_msg_decode(const void *buf, size_t len, struct kv_msg *m, const char **wh
 		memcpy(&w, body, sizeof(w));
 		if (rest != sizeof(w))
 			return fail(why, "key: length", KV_MSG_ELENGTH);
-		if (w.rsvd || w.rsvd2 || w.dtype > KV_INT64 ||
-		    (w.flags & ~(uint8_t)(KV_KEYF_CREATED | KV_KEYF_VALUE | KV_KEYF_DIRECT)))
+		if (w.rsvd || w.dtype > KV_INT64 ||
+		    (w.flags & ~(uint8_t)(KV_KEYF_CREATED | KV_KEYF_VALUE | KV_KEYF_DIRECT)) ||
+		    ((w.flags & KV_KEYF_DIRECT) && w.rounds))
 			return fail(why, "key: field", KV_MSG_EFIELD);
 		if (!(w.flags & KV_KEYF_DIRECT) ? (w.dseg || w.doff || w.dsize)
 						 : (w.doff % 64 || w.dsize < 64 || w.doff > w.dsize - 64))
@@ -394,6 +395,7 @@ int kv_msg_decode(const void *buf, size_t len, struct kv_msg *m, const char **wh
 		m->u.key.dseg = w.dseg;
 		m->u.key.doff = w.doff;
 		m->u.key.dsize = w.dsize;
+		m->u.key.rounds = w.rounds;
 		return 0;
 	}
 	case KV_MSG_STATUS_REQ: {
@@ -547,6 +549,7 @@ size_t kv_msg_encode(const struct kv_msg *m, void *out, size_t cap)
 			.dseg = m->u.key.dseg,
 			.doff = m->u.key.doff,
 			.dsize = m->u.key.dsize,
+			.rounds = m->u.key.rounds,
 		};
 
 		return put(buf, cap, m, &w, sizeof(w), NULL, 0);

@@ -162,6 +162,8 @@ struct kv_msg {
 			uint32_t dseg;  /* direct keys: kvd's id of the segment */
 			uint64_t doff;  /* and the offset of the key's block in it */
 			uint64_t dsize; /* the segment's size */
+			uint32_t rounds; /* engine keys: the most rounds a part completed
+					  * (low 32 bits; a bound for round tags); 0 direct */
 		} key;
 		struct {
 			uint32_t what;

@@ -145,13 +145,30 @@ static int64_t now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/*
+ * Whether entries are published and not yet handed back, from the shared
+ * words alone: ring_wait runs without the consumer's lock while another
+ * thread of the same process may be popping, so it must not touch the
+ * private indices (ring_ready would store a stale tail into r->cached under
+ * that thread's feet, and its next pop would see the ring run backwards).
+ * The two loads are not one snapshot (both words may move between them), so
+ * this says only "maybe ready": the pop, under the lock, checks the ring.
+ */
+static int ring_peek(const struct ring *r)
+{
+	uint32_t head = __atomic_load_n(&r->ctl->head, __ATOMIC_SEQ_CST);
+	uint32_t tail = __atomic_load_n(&r->ctl->tail, __ATOMIC_SEQ_CST);
+
+	return tail != head;
+}
+
 int ring_wait(struct ring *r, unsigned spin, int timeout_ms)
 {
 	int64_t deadline = timeout_ms >= 0 ? now_ms() + timeout_ms : 0;
 	int n;
 
 	for (unsigned i = 0; i < spin; i++) {
-		n = ring_ready(r);
+		n = ring_peek(r);
 		if (n != 0)
 			return n < 0 ? n : 0;
 		cpu_relax();
@@ -162,7 +179,7 @@ int ring_wait(struct ring *r, unsigned spin, int timeout_ms)
 
 		ring_set_sleeping(r, true);
 		seen = __atomic_load_n(&r->ctl->tail, __ATOMIC_SEQ_CST);
-		n = ring_ready(r);
+		n = ring_peek(r);
 		if (n != 0) {
 			ring_set_sleeping(r, false);
 			return n < 0 ? n : 0;

@@ -71,9 +71,11 @@ bool ring_full(struct ring *r);                /* consumer, after popping */
 void ring_wake(struct ring *r);
 
 /*
- * Consumer: wait until an entry is ready, spinning up to spin iterations and
- * then sleeping on the tail word for at most timeout_ms (< 0: no limit).
- * Returns 0 when an entry is ready, -ETIMEDOUT, or -EPROTO.
+ * Consumer: wait until an entry may be ready, spinning up to spin iterations
+ * and then sleeping on the tail word for at most timeout_ms (< 0: no
+ * limit).  Returns 0 or -ETIMEDOUT; the pop that follows checks the ring.
+ * It reads only the shared words, so one thread may wait while another
+ * (holding the consumer's lock) pops.
  */
 int ring_wait(struct ring *r, unsigned spin, int timeout_ms);
 

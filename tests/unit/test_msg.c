@@ -157,12 +157,18 @@ Test(msg, segment_and_key_round_trip)
 	m.u.key.nparts = 4;
 	m.u.key.dtype = KV_INT64;
 	m.u.key.flags = KV_KEYF_VALUE;
+	m.u.key.rounds = 4000000000u;
 	dec_ok(enc(&m), &d);
 	cr_assert_eq(d.u.key.key_id, 42);
 	cr_assert_eq(d.u.key.nparts, 4);
 	cr_assert_eq(d.u.key.part_elems, 256);
 	cr_assert_eq(d.u.key.dtype, KV_INT64);
 	cr_assert_eq(d.u.key.flags, KV_KEYF_VALUE);
+	cr_assert_eq(d.u.key.rounds, 4000000000u);
+	/* a direct key has no engine rounds to tell */
+	m.u.key.flags = KV_KEYF_DIRECT;
+	m.u.key.dsize = 4096;
+	dec_fails(enc(&m), KV_MSG_EFIELD, "rounds of a direct key");
 }
 
 Test(msg, control_round_trip)

@@ -5,6 +5,7 @@
  */
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
@@ -222,4 +223,78 @@ Test(ring, two_process_stress, .timeout = 120)
 		    (unsigned long long)sleeps);
 	seg_unmap(mem, bytes);
 	close(fd);
+}
+
+/*
+ * One consumer ring shared by the threads of a process (libkv's completion
+ * ring): one thread pops under a lock while others wait without it.  A
+ * waiter must never disturb the popper (it once stored a stale tail into
+ * the ring's private copy, and the next pop saw the ring run backwards).
+ */
+#define MT_ENTRIES 2000000u
+
+struct mt {
+	struct ring p, c;
+	pthread_mutex_t lock;
+	uint64_t popped, bad;
+	int done;
+};
+
+static void *mt_producer(void *arg)
+{
+	struct mt *m = arg;
+	struct entry e = { 0 };
+
+	for (uint64_t i = 0; i < MT_ENTRIES;) {
+		e.seq = i;
+		e.check = mix(i);
+		if (ring_push(&m->p, &e) == 0)
+			i++;
+	}
+	return NULL;
+}
+
+static void *mt_consumer(void *arg)
+{
+	struct mt *m = arg;
+	struct entry out;
+
+	while (!__atomic_load_n(&m->done, __ATOMIC_ACQUIRE)) {
+		int rc;
+		pthread_mutex_lock(&m->lock);
+		while ((rc = ring_pop(&m->c, &out)) == 0) {
+			if (out.seq != m->popped || out.check != mix(out.seq))
+				__atomic_add_fetch(&m->bad, 1, __ATOMIC_RELAXED);
+			m->popped++;
+		}
+		if (rc != -EAGAIN)
+			__atomic_add_fetch(&m->bad, 1, __ATOMIC_RELAXED);
+		if (m->popped == MT_ENTRIES)
+			__atomic_store_n(&m->done, 1, __ATOMIC_RELEASE);
+		pthread_mutex_unlock(&m->lock);
+		/* the wait itself, without the lock, as libkv's waiters do */
+		ring_wait(&m->c, 16, 1);
+	}
+	return NULL;
+}
+
+Test(ring, threads_wait_while_one_pops, .timeout = 60)
+{
+	size_t bytes;
+	struct shared_ring *s = ring_mem(64, &bytes);
+	struct mt m = { .lock = PTHREAD_MUTEX_INITIALIZER };
+	pthread_t prod, cons[3];
+
+	ring_attach(&m.p, &s->ctl, s->e, 64, sizeof(struct entry), true);
+	ring_attach(&m.c, &s->ctl, s->e, 64, sizeof(struct entry), false);
+	pthread_create(&prod, NULL, mt_producer, &m);
+	for (int i = 0; i < 3; i++)
+		pthread_create(&cons[i], NULL, mt_consumer, &m);
+	pthread_join(prod, NULL);
+	for (int i = 0; i < 3; i++)
+		pthread_join(cons[i], NULL);
+	cr_assert_eq(m.bad, 0, "%llu entries out of order, or the ring seen corrupt",
+		     (unsigned long long)m.bad);
+	cr_assert_eq(m.popped, MT_ENTRIES);
+	free(s);
 }
