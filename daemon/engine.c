@@ -531,11 +531,6 @@ static struct task *task_new(struct job *j, struct key *k, uint32_t part, int ni
 	return t;
 }
 
-static bool opt_dtype(kv_dtype t)
-{
-	return t == KV_FLOAT32 || t == KV_FLOAT16 || t == KV_BFLOAT16;
-}
-
 uint32_t opt_arrays(const struct key *k, const struct opt_cfg *opt)
 {
 	return (k->dtype != KV_FLOAT32) + (uint32_t)optim_nstates(&opt->p);
@@ -545,14 +540,14 @@ uint32_t opt_arrays(const struct key *k, const struct opt_cfg *opt)
  * The part's optimizer state for opt, made or reset (another optimizer) as
  * needed, in the live copy of the key's state block: the part's record says
  * which optimizer its states are for only once the round publishes, so a kvd
- * that dies meanwhile leaves them as they were.  -ENOMEM when the control
- * thread could make no block for opt.
+ * that dies meanwhile leaves them as they were.  sb is the key's state
+ * block as the round saw it; -ENOMEM when the control thread could make no
+ * block for opt.
  */
-static int part_opt_state(struct key *k, uint32_t part, const struct opt_cfg *opt)
+static int part_opt_state(struct key *k, uint32_t part, const struct opt_cfg *opt,
+			  const struct sblock *sb)
 {
 	struct part *p = &k->parts[part];
-	/* pairs with the store-release in the control thread's job_set_optimizer */
-	const struct sblock *sb = __atomic_load_n(&k->sblk, __ATOMIC_ACQUIRE);
 	uint32_t na = opt_arrays(k, opt);
 	size_t n = part_elems(k, part);
 
@@ -580,6 +575,9 @@ static int part_opt_state(struct key *k, uint32_t part, const struct opt_cfg *op
 static struct task *round_task(struct job *j, struct key *k, uint32_t part)
 {
 	struct part *p = &k->parts[part];
+	/* one look at the state block for the whole round; pairs with the
+	 * store-release in the control thread's key_states */
+	const struct sblock *sb = __atomic_load_n(&k->sblk, __ATOMIC_ACQUIRE);
 	int n = j->num_workers, kind = op_kind(p->head[0]->sqe.op);
 	int nin = kind == KIND_BCAST ? 1 : n, nout = 1;
 	struct task *t;
@@ -600,7 +598,7 @@ static struct task *round_task(struct job *j, struct key *k, uint32_t part)
 		/* pairs with the store-release in the control thread's set_optimizer */
 		const struct opt_cfg *opt = __atomic_load_n(&j->opt, __ATOMIC_ACQUIRE);
 
-		if (opt && part_opt_state(k, part, opt) == 0 &&
+		if (opt && part_opt_state(k, part, opt, sb) == 0 &&
 		    (t->scratch = malloc(t->n * k->esize))) {
 			t->opt = opt->p;
 			t->t = ++p->opt_t;
@@ -612,7 +610,6 @@ static struct task *round_task(struct job *j, struct key *k, uint32_t part)
 	if (p->has_states) {
 		/* the states move to the spare copy with the value (the update, or
 		 * a broadcast's new master copy, then works on them there) */
-		const struct sblock *sb = __atomic_load_n(&k->sblk, __ATOMIC_ACQUIRE);
 		for (uint32_t i = 0; sb && i < sb->narrays; i++) {
 			t->st_from[t->nst] = part_state(k, sb, part, p->ver, i);
 			t->st_to[t->nst++] = part_state(k, sb, part, p->ver + 1, i);

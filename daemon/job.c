@@ -394,11 +394,6 @@ void job_man_opt(struct job *j, const struct opt_cfg *opt)
 	__atomic_store_n(&h->opt_ver, ver, __ATOMIC_RELEASE);
 }
 
-static bool opt_dtype(kv_dtype t)
-{
-	return t == KV_FLOAT32 || t == KV_FLOAT16 || t == KV_BFLOAT16;
-}
-
 /* A state block of na arrays for key k at blk (an arena block, or adopted). */
 static struct sblock *sblock_at(struct key *k, uint8_t *blk, uint32_t na)
 {

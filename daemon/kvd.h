@@ -438,6 +438,11 @@ int ckpt_snapshot(struct job *j, bool dump_spec, uint8_t **out, size_t *outlen, 
 		  size_t whylen);
 int ckpt_verify(const uint8_t *buf, size_t len, char *why, size_t whylen);
 int ckpt_restore(struct job *j, const uint8_t *buf, size_t len, char *why, size_t whylen);
+/* Can an optimizer update keys of type t? */
+static inline bool opt_dtype(kv_dtype t)
+{
+	return t == KV_FLOAT32 || t == KV_FLOAT16 || t == KV_BFLOAT16;
+}
 /* engine.c: the number of state arrays opt keeps for key k (master included) */
 uint32_t opt_arrays(const struct key *k, const struct opt_cfg *opt);
 void engine_ckpt(struct kvd *d, struct ckpt_req *req);

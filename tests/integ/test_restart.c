@@ -116,14 +116,10 @@ static int check(int k, int n, int64_t s, const void *b, const char *what)
 	return 0;
 }
 
-static int restart_rank(int rank, int n, const struct kvd_proc *kp, void *arg)
+/* A rank's buffers for every key (the zero-copy key's from kv_alloc), and
+ * kv_init of each with step 0's sum. */
+static int init_keys(kv_store *kv, int rank, int n, void **in, void **out)
 {
-	struct rshared *sh = arg;
-	kv_store *kv = open_rank(20000);
-	void *in[R_KEYS], *out[R_KEYS];
-
-	(void)kp;
-	CHECK(kv, "open");
 	for (int k = 0; k < R_KEYS; k++) {
 		size_t bytes = rkeys[k].count * kv_dtype_size(rkeys[k].t);
 		in[k] = malloc(bytes);
@@ -132,6 +128,19 @@ static int restart_rank(int rank, int n, const struct kvd_proc *kp, void *arg)
 		fill(k, rank, n, 0, in[k], 1);
 		CHECK_RC(kv_init(kv, rkeys[k].name, in[k], rkeys[k].count, rkeys[k].t), KV_OK);
 	}
+	return 0;
+}
+
+static int restart_rank(int rank, int n, const struct kvd_proc *kp, void *arg)
+{
+	struct rshared *sh = arg;
+	kv_store *kv = open_rank(20000);
+	void *in[R_KEYS], *out[R_KEYS];
+
+	(void)kp;
+	CHECK(kv, "open");
+	if (init_keys(kv, rank, n, in, out))
+		return 1;
 	for (int s = 1; s <= sh->steps; s++) {
 		for (int k = 0; k < R_KEYS; k++) {
 			int rc, tries = 0;
@@ -303,14 +312,8 @@ static int async_rank(int rank, int n, const struct kvd_proc *kp, void *arg)
 
 	(void)kp;
 	CHECK(kv, "open");
-	for (int k = 0; k < R_KEYS; k++) {
-		size_t bytes = rkeys[k].count * kv_dtype_size(rkeys[k].t);
-		in[k] = malloc(bytes);
-		out[k] = rkeys[k].zero_copy ? kv_alloc(kv, bytes) : malloc(bytes);
-		CHECK(in[k] && out[k], "out of memory");
-		fill(k, rank, n, 0, in[k], 1);
-		CHECK_RC(kv_init(kv, rkeys[k].name, in[k], rkeys[k].count, rkeys[k].t), KV_OK);
-	}
+	if (init_keys(kv, rank, n, in, out))
+		return 1;
 	for (int s = 1; s <= sh->steps; s++) {
 		bool todo[R_KEYS];
 		int left = 0, tries = 0;
